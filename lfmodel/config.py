@@ -1,0 +1,207 @@
+"""Params: defaults, loading and validation.
+
+`params.yaml` is the only config. Every stage calls `load_params()` before it writes anything;
+a bad key, type or value raises `ParamsError` with one line naming the key, which the stage
+entry point turns into exit code 2 (see `stage_main`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SURGE_MODES = ("dense", "static", "interval", "rigl", "adaptive")
+DATA_SOURCES = ("regimes", "text", "series")
+ARCHS = ("lfm", "mlp")
+
+# The schema: the default value fixes the type; CHOICES and RANGES narrow it.
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "lambda_entropy": 0.01,
+    "data": {
+        "source": "regimes", "path": None, "column": None, "seq_len": 64,
+        "n_train": 4096, "n_val": 256, "n_test": 512, "vocab_size": 32, "num_regimes": 4,
+        "switch_prob": 1 / 32, "dirichlet_alpha": 0.2, "val_fraction": 0.1,
+        "test_fraction": 0.1,
+    },
+    "model": {
+        "arch": "lfm", "d_model": 64, "num_layers": 2, "num_experts": 4, "expert_dim": 128,
+        "adapt_dim": 16, "adapt_rank": 4, "context": 8, "hidden": 256,
+    },
+    "train": {
+        "steps": 1200, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0, "cosine": True,
+        "warmup_steps": 50, "grad_clip": 1.0, "lambda_balance": 0.0, "eval_every": 100,
+        "log_every": 25, "checkpoint_every": 200, "threads": 2,
+    },
+    "surge": {
+        "mode": "dense", "target_sparsity": 0.5, "scope": "layer", "start_fraction": 0.3,
+        "collapse_every": 100, "surge_every": 200, "regrow": "random", "recovery": 0.1,
+        "noise_scale": 0.5, "rigl_every": 50, "drop_fraction": 0.3, "rigl_end_fraction": 0.75,
+        "check_every": 50, "ema": 0.9, "high": 0.9, "low": 0.6, "step_sparsity": 0.1,
+        "max_sparsity": 0.5, "energy_boost": 2.0, "energy_steps": 50, "pump_fraction": 0.1,
+        "input_noise": 0.1, "noise_steps": 50, "plateau_window": 3, "plateau_eps": 0.002,
+    },
+    "tracking": {"experiment": "entropy-dynamics", "snapshot_every": 100},
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": DATA_SOURCES, "model.arch": ARCHS, "surge.mode": SURGE_MODES,
+    "surge.scope": ("layer", "global"), "surge.regrow": ("random", "gradient", "all"),
+}
+# (low, high, low_inclusive, high_inclusive); None = unbounded.
+_POS = (0, None, False, True)
+_NONNEG = (0, None, True, True)
+_UNIT_OPEN = (0, 1, True, False)
+_UNIT = (0, 1, True, True)
+RANGES: dict[str, tuple] = {
+    "seed": _NONNEG,
+    "data.seq_len": (2, None, True, True), "data.n_train": _POS, "data.n_val": _POS,
+    "data.n_test": _POS, "data.vocab_size": (2, None, True, True),
+    "data.num_regimes": (1, None, True, True), "data.switch_prob": _UNIT,
+    "data.dirichlet_alpha": _POS, "data.val_fraction": (0, 0.5, False, False),
+    "data.test_fraction": (0, 0.5, False, False),
+    "model.d_model": _POS, "model.num_layers": _POS, "model.num_experts": _POS,
+    "model.expert_dim": _POS, "model.adapt_dim": _POS, "model.adapt_rank": _NONNEG,
+    "model.context": _POS, "model.hidden": _POS,
+    "train.steps": _POS, "train.batch_size": _POS, "train.lr": _POS,
+    "train.weight_decay": _NONNEG, "train.warmup_steps": _NONNEG, "train.grad_clip": _NONNEG,
+    "train.lambda_balance": _NONNEG, "train.eval_every": _POS, "train.log_every": _POS,
+    "train.checkpoint_every": _POS, "train.threads": _NONNEG,
+    "surge.target_sparsity": _UNIT_OPEN, "surge.start_fraction": _UNIT,
+    "surge.collapse_every": _POS, "surge.surge_every": _POS, "surge.recovery": _UNIT,
+    "surge.noise_scale": _NONNEG, "surge.rigl_every": _POS, "surge.drop_fraction": _UNIT,
+    "surge.rigl_end_fraction": _UNIT, "surge.check_every": _POS, "surge.ema": _UNIT_OPEN,
+    "surge.high": _UNIT, "surge.low": _UNIT, "surge.step_sparsity": _UNIT_OPEN,
+    "surge.max_sparsity": _UNIT_OPEN, "surge.energy_boost": _POS, "surge.energy_steps": _NONNEG,
+    "surge.pump_fraction": _UNIT, "surge.input_noise": _NONNEG, "surge.noise_steps": _NONNEG,
+    "surge.plateau_window": _POS, "surge.plateau_eps": _NONNEG,
+    "tracking.snapshot_every": _POS,
+}
+NULLABLE = {"data.path", "data.column"}
+
+
+class ParamsError(ValueError):
+    """A bad params.yaml: the message names the key."""
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if default is None:
+        return value is None or isinstance(value, str)
+    return isinstance(value, type(default))
+
+
+def _type_name(default: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(
+        type(default), "a string or null")
+
+
+def _check(user: dict, schema: dict, prefix: str = "") -> dict:
+    if not isinstance(user, dict):
+        raise ParamsError(f"{prefix.rstrip('.') or 'params'}: expected a mapping")
+    out: dict[str, Any] = {}
+    for key, value in user.items():
+        full = prefix + str(key)
+        if key not in schema:
+            near = difflib.get_close_matches(str(key), list(schema), n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            raise ParamsError(f"unknown key '{full}'{hint}")
+        default = schema[key]
+        if isinstance(default, dict):
+            out[key] = _check(value, default, full + ".")
+            continue
+        if value is None and full in NULLABLE:
+            out[key] = None
+            continue
+        if not _type_ok(value, default):
+            raise ParamsError(f"'{full}' must be {_type_name(default)}, got {value!r}")
+        if full in CHOICES and value not in CHOICES[full]:
+            raise ParamsError(f"'{full}' must be one of {', '.join(CHOICES[full])}; got {value!r}")
+        if full in RANGES:
+            lo, hi, lo_inc, hi_inc = RANGES[full]
+            bad = (lo is not None and (value < lo or (value == lo and not lo_inc))) or (
+                hi is not None and (value > hi or (value == hi and not hi_inc)))
+            if bad:
+                interval = ("[" if lo_inc else "(") + f"{lo}, {'inf' if hi is None else hi}" + (
+                    "]" if hi_inc else ")")
+                raise ParamsError(f"'{full}' = {value!r} is out of range {interval}")
+        out[key] = float(value) if isinstance(default, float) else value
+    merged = {}
+    for key, default in schema.items():
+        if key in out:
+            merged[key] = out[key]
+        elif isinstance(default, dict):
+            merged[key] = _check({}, default, prefix + key + ".")
+        else:
+            merged[key] = default
+    return merged
+
+
+def validate(raw: dict | None, base_dir: str | os.PathLike = ".") -> dict:
+    """Return the full params (defaults filled in) or raise ParamsError."""
+    params = _check(raw or {}, DEFAULTS)
+    data = params["data"]
+    if data["source"] in ("text", "series"):
+        if not data["path"]:
+            raise ParamsError(f"'data.path' is required when data.source is {data['source']}")
+        path = Path(base_dir) / data["path"]
+        if not path.is_file():
+            raise ParamsError(f"'data.path' file not found: {data['path']}")
+    if data["source"] == "series" and not data["column"]:
+        raise ParamsError("'data.column' is required when data.source is series")
+    surge = params["surge"]
+    if surge["low"] >= surge["high"]:
+        raise ParamsError(f"'surge.low' ({surge['low']}) must be below 'surge.high' ({surge['high']})")
+    if data["val_fraction"] + data["test_fraction"] >= 0.9:
+        raise ParamsError("'data.val_fraction' + 'data.test_fraction' must leave training data")
+    return params
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> dict:
+    """Read and validate params.yaml; relative data paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+    return validate(raw, base_dir=path.parent)
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
+    """{'surge': {'mode': 'x'}} -> {'surge.mode': 'x'} (MLflow params, DVC -S names)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def stage_main(fn: Callable[[dict], None]) -> Callable[[], None]:
+    """Wrap a stage's main: load + validate params first; ParamsError -> one line, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper() -> None:
+        try:
+            params = load_params(os.environ.get("LFMODEL_PARAMS", "params.yaml"))
+        except ParamsError as err:
+            print(f"params.yaml: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        fn(params)
+
+    return wrapper

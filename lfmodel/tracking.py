@@ -1,0 +1,271 @@
+"""MLflow tracking: one run per pipeline execution, shared by train, trace and evaluate.
+
+Where runs go: `MLFLOW_TRACKING_URI` if set; else SQLite at `<repo root>/mlflow.db` with
+artifacts in `<repo root>/mlartifacts`. The repo root is `DVC_ROOT` when DVC sets it: for a
+queued experiment DVC points it at the parent repo, not the temporary copy it deletes.
+
+`train` creates the run and writes its id to `reports/train/run.json`; later stages reopen it.
+Each stage marks the run RUNNING while it works, FINISHED when it returns and FAILED (or
+KILLED on SIGTERM) when it raises, so no run is left RUNNING by a crash.
+Metrics are buffered and sent in batches (async), off the training hot path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lfmodel.config import flatten
+
+EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+
+def repo_root() -> Path:
+    """DVC_ROOT when DVC runs us (parent repo for queued runs), else the git top level."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    try:
+        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True,
+                             text=True, check=True)
+        return Path(out.stdout.strip()).resolve()
+    except (OSError, subprocess.CalledProcessError):
+        return Path.cwd().resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _is_default_store(uri: str) -> bool:
+    return uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def retry(fn: Callable[[], Any], attempts: int = 12, delay: float = 0.2) -> Any:
+    """Call fn, retrying on SQLite 'database is locked' (parallel DVC queue workers)."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # MLflow wraps sqlalchemy's OperationalError
+            if "locked" not in str(err).lower() or i == attempts - 1:
+                raise
+            time.sleep(delay * (1.5 ** i))
+    return None
+
+
+@contextlib.contextmanager
+def _store_lock(root: Path) -> Iterator[None]:
+    """Serialize store creation / experiment creation across processes (queue workers)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".mlflow.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def get_client(experiment: str) -> tuple[Any, str]:
+    """(MlflowClient, experiment_id); creates the store schema and experiment once, locked."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri()
+    root = repo_root()
+    with _store_lock(root) if _is_default_store(uri) else contextlib.nullcontext():
+        client = MlflowClient(tracking_uri=uri)
+        exp = retry(lambda: client.get_experiment_by_name(experiment))
+        if exp is None:
+            location = (root / "mlartifacts").as_uri() if _is_default_store(uri) else None
+            exp_id = retry(lambda: client.create_experiment(
+                experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND_TAG])))
+        else:
+            exp_id = exp.experiment_id
+            if exp.tags.get(EXPERIMENT_KIND_TAG[0]) != EXPERIMENT_KIND_TAG[1]:
+                retry(lambda: client.set_experiment_tag(exp_id, *EXPERIMENT_KIND_TAG))
+    return client, exp_id
+
+
+def file_hash(*paths: str | Path) -> str:
+    """sha256 over files (folders walked in sorted order); short hex."""
+    h = hashlib.sha256()
+    for p in paths:
+        p = Path(p)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            if f.exists():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_tags(params_path: str = "params.yaml", data_dir: str = "data/prepared") -> dict[str, str]:
+    import dvc
+    import mlflow
+    import torch
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    tags = {
+        "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "") or git("rev-parse", "HEAD"),
+        "git.commit": git("rev-parse", "HEAD"),
+        "params_hash": file_hash(params_path),
+        "data_hash": file_hash(data_dir),
+        "version.torch": torch.__version__, "version.mlflow": mlflow.__version__,
+        "version.dvc": dvc.__version__,
+    }
+    return {k: v for k, v in tags.items() if v}
+
+
+class Tracker:
+    """Buffered, async metric logging into one run; artifacts; status bookkeeping."""
+
+    def __init__(self, client: Any, run_id: str, stage: str, flush_every: int = 1000) -> None:
+        self.client, self.run_id, self.stage = client, run_id, stage
+        self.flush_every = flush_every
+        self._buffer: list[Any] = []
+        self._pending: list[Any] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items()
+                            if v is not None and v == v)
+        if len(self._buffer) >= self.flush_every:
+            self.flush(wait=False)
+
+    def flush(self, wait: bool = True) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            op = retry(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c,
+                                                             synchronous=False))
+            if op is not None:
+                self._pending.append(op)
+        if wait:
+            for op in self._pending:
+                op.wait()
+            self._pending.clear()
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(k, str(v)) for k, v in flatten(params).items()]
+        for i in range(0, len(flat), 100):
+            retry(lambda c=flat[i:i + 100]: self.client.log_batch(self.run_id, params=c))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        retry(lambda: self.client.log_batch(
+            self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            retry(lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
+        elif path.exists():
+            retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def set_status(self, status: str) -> None:
+        if status == "RUNNING":
+            retry(lambda: self.client.update_run(self.run_id, status="RUNNING"))
+        else:
+            retry(lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+RUN_FILE = "reports/train/run.json"
+
+
+def read_run_file(path: str | Path = RUN_FILE) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run the train stage first (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict, run_id: str | None = None) -> Iterator[Tracker]:
+    """Open (run_id given) or create the pipeline's run for one stage; settle its status.
+
+    A new run gets all params (flattened: lambda_entropy, surge.mode, ...) and the tags.
+    """
+    client, exp_id = get_client(params["tracking"]["experiment"])
+    if run_id is None:
+        name = os.environ.get("DVC_EXP_NAME") or "workspace"
+        run = retry(lambda: client.create_run(exp_id, run_name=name, tags=run_tags()))
+        run_id = run.info.run_id
+        tracker = Tracker(client, run_id, stage)
+        tracker.log_params(params)
+    else:
+        tracker = Tracker(client, run_id, stage)
+        tracker.set_status("RUNNING")
+    tracker.set_tags({f"dvc.stage.{stage}": "running"})
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        yield tracker
+        tracker.flush()
+        tracker.set_tags({f"dvc.stage.{stage}": "done"})
+        tracker.set_status("FINISHED")
+    except KeyboardInterrupt:
+        tracker.flush()
+        tracker.set_tags({f"dvc.stage.{stage}": "killed"})
+        tracker.set_status("KILLED")
+        raise
+    except BaseException as err:
+        tracker.flush()
+        tracker.set_tags({f"dvc.stage.{stage}": "failed",
+                          f"dvc.stage.{stage}.error": str(err)[:4000]})
+        tracker.set_status("FAILED")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class MLflowHook:
+    """Trainer hook: step metrics at log/eval/event steps, events, sparsity snapshots."""
+
+    def __init__(self, tracker: Tracker, snapshot_every: int, out_dir: str | Path) -> None:
+        self.tracker = tracker
+        self.snapshot_every = snapshot_every
+        self.out_dir = Path(out_dir)
+        self.event_counts: dict[str, int] = {}
+
+    def on_step_end(self, trainer: Any, step: int, metrics: dict[str, float]) -> None:
+        if metrics:
+            self.tracker.log_metrics(metrics, step)
+        if step % self.snapshot_every == 0:
+            self.tracker.log_metrics(
+                {f"sparsity/{g}": s for g, s in trainer.masks.group_sparsity().items()}, step)
+
+    def on_event(self, trainer: Any, event: dict) -> None:
+        rule = event["rule"]
+        self.event_counts[rule] = self.event_counts.get(rule, 0) + 1
+        self.tracker.log_metrics({f"events/{rule}": self.event_counts[rule]}, event["step"])
+        if trainer.masks.enabled:
+            self._save_masks(trainer, event["step"])
+
+    def _save_masks(self, trainer: Any, step: int) -> None:
+        from safetensors.torch import save_file
+
+        snap = self.out_dir / "sparsity" / f"step_{step:06d}.safetensors"
+        snap.parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: m.to(dtype=__import__("torch").uint8).contiguous()
+                   for n, m in trainer.masks.masks.items()}, str(snap))

@@ -1,0 +1,224 @@
+"""The training loop: seeded, deterministic on CPU, with hooks for everything around it.
+
+Hooks (any object with some of these methods) plug in without touching the loop:
+    on_train_start(trainer)            after_backward(trainer, step)   dense grads, masks may change
+    wants_monitor(step) -> bool        on_step_end(trainer, step, metrics)
+    on_event(trainer, event)           on_train_end(trainer)
+`metrics` is non-empty only on log / eval / event steps, so nothing syncs or formats per step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lfmodel.entropy import regularized_loss
+from lfmodel.models import groups
+from lfmodel.sparsity import MaskSet
+
+
+class DivergenceError(RuntimeError):
+    """A non-finite loss: training stops; the last good checkpoint is kept."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"non-finite loss ({value}) at step {step}; training stopped")
+        self.step = step
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1200
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    cosine: bool = True
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    lambda_entropy: float = 0.0
+    lambda_balance: float = 0.0
+    eval_every: int = 100
+    log_every: int = 25
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, params: dict) -> TrainConfig:
+        t = params["train"]
+        return cls(steps=t["steps"], batch_size=t["batch_size"], lr=t["lr"],
+                   weight_decay=t["weight_decay"], cosine=t["cosine"],
+                   warmup_steps=t["warmup_steps"], grad_clip=t["grad_clip"],
+                   lambda_entropy=params["lambda_entropy"], lambda_balance=t["lambda_balance"],
+                   eval_every=t["eval_every"], log_every=t["log_every"], seed=params["seed"])
+
+
+def seed_everything(seed: int, threads: int = 0) -> None:
+    """One seed for python, numpy and torch; fixed thread count (float sums depend on it)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def task_loss(out: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy (nats) for tokens, MSE for series."""
+    if y.dtype == torch.long:
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return F.mse_loss(out.squeeze(-1), y)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, train: dict[str, Tensor], val: dict[str, Tensor],
+                 cfg: TrainConfig, hooks: list[Any] | None = None) -> None:
+        self.model, self.cfg, self.hooks = model, cfg, list(hooks or [])
+        self.train_x, self.train_y = train["inputs"], train["targets"]
+        self.val_x, self.val_y = val["inputs"], val["targets"]
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
+                                          weight_decay=cfg.weight_decay)
+        self.masks = MaskSet(model, self.optimizer)
+        self.groups = groups(model)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step = 0
+        self.lr_scale = 1.0      # the adaptive controller's "energy" multiplies the lr
+        self.current_lr = self.lr_at(1)
+        self.losses: list[float] = []   # every step's task loss: the stability measure
+        self.events: list[dict] = []
+        self.val_history: list[tuple[int, float]] = []
+
+    # ---------------------------------------------------------------- schedule
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if c.warmup_steps and step <= c.warmup_steps:
+            base = c.lr * step / c.warmup_steps
+        elif c.cosine:
+            t = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+            base = c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+        else:
+            base = c.lr
+        return base * self.lr_scale
+
+    def emit(self, event: dict) -> None:
+        self.events.append(event)
+        for h in self.hooks:
+            if hasattr(h, "on_event"):
+                h.on_event(self, event)
+
+    def _call(self, name: str, *args: Any) -> None:
+        for h in self.hooks:
+            fn = getattr(h, name, None)
+            if fn is not None:
+                fn(self, *args)
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> Trainer:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self._call("on_train_start")
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not sys.stderr.isatty(),
+                   desc="train", dynamic_ncols=True)
+        while self.step < cfg.steps:
+            step = self.step + 1
+            monitor = step % cfg.log_every == 0 or any(
+                h.wants_monitor(step) for h in self.hooks if hasattr(h, "wants_monitor"))
+            for g in self.groups.values():
+                g.monitor = monitor
+            self.model.train()
+            idx = torch.randint(0, self.train_x.shape[0], (cfg.batch_size,),
+                                generator=self.generator)
+            out, gates = self.model(self.train_x[idx], return_gates=True)
+            task = task_loss(out, self.train_y[idx])
+            loss, parts = regularized_loss(task, gates, cfg.lambda_entropy, cfg.lambda_balance)
+            value = task.item()
+            if not (math.isfinite(value) and math.isfinite(loss.item())):
+                raise DivergenceError(step, value)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            n_events = len(self.events)
+            self._call("after_backward", step)
+            self.masks.mask_grads()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+            self.current_lr = self.lr_at(step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.current_lr
+            self.optimizer.step()
+            self.masks.apply()
+            self.step = step
+            self.losses.append(value)
+            metrics: dict[str, float] = {}
+            if monitor or len(self.events) > n_events:
+                metrics.update(self.snapshot(loss, task, parts))
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                val = self.evaluate()
+                self.val_history.append((step, val))
+                metrics["loss/val"] = val
+                bar.set_postfix(loss=f"{value:.3f}", val=f"{val:.3f}")
+            self._call("on_step_end", step, metrics)
+            bar.update(1)
+        bar.close()
+        self._call("on_train_end")
+        return self
+
+    def snapshot(self, loss: Tensor, task: Tensor, parts: dict[str, Tensor]) -> dict[str, float]:
+        """Step metrics: losses, lr, per-layer sparsity, activation and gate entropies."""
+        m = {"loss/train": task.item(), "loss/total": loss.item(), "lr": self.current_lr}
+        for g, s in self.masks.group_sparsity().items():
+            m[f"sparsity/{g}"] = s
+        m["sparsity/all"] = self.masks.sparsity()
+        for name, g in self.groups.items():
+            if g.act_entropy is not None:
+                m[f"entropy/act/{name}"] = float(g.act_entropy)
+        for k, v in parts.items():
+            m[f"gates/{k}"] = v.item()
+        return m
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor | None = None, y: Tensor | None = None,
+                 batch_size: int = 256) -> float:
+        """Mean task loss over a split (val by default), eval mode, no input noise."""
+        x = self.val_x if x is None else x
+        y = self.val_y if y is None else y
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(0, x.shape[0], batch_size):
+            out = self.model(x[i:i + batch_size])
+            n = y[i:i + batch_size].numel()
+            total += float(task_loss(out, y[i:i + batch_size])) * n
+            count += n
+        self.model.train()
+        return total / count
+
+    # ---------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "lr_scale": self.lr_scale, "losses": list(self.losses),
+            "events": list(self.events), "val_history": list(self.val_history),
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "masks": self.masks.state_dict(), "masks_enabled": self.masks.enabled,
+            "hooks": {type(h).__name__: h.state_dict() for h in self.hooks
+                      if hasattr(h, "state_dict")},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.masks.load_state_dict(state["masks"])
+        self.masks.enabled = state["masks_enabled"]
+        self.step, self.lr_scale = state["step"], state["lr_scale"]
+        self.losses, self.events = list(state["losses"]), list(state["events"])
+        self.val_history = [tuple(v) for v in state["val_history"]]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        for h in self.hooks:
+            if hasattr(h, "load_state_dict") and type(h).__name__ in state["hooks"]:
+                h.load_state_dict(state["hooks"][type(h).__name__])
