@@ -245,6 +245,8 @@ class Interval(Schedule):
 
     def actions(self, step: int) -> list:
         p, out = self.p, []
+        if step <= 0:
+            return out
         if step % p["collapse_every"] == 0:
             out.append(("collapse", lambda m: m.collapse(p["target_sparsity"], p["scope"]), None))
         if step % p["surge_every"] == 0 and step < self.total:
