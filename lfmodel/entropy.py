@@ -15,8 +15,12 @@ def entropy_from_logits(logits: Tensor, dim: int = -1) -> Tensor:
 
 
 def entropy(p: Tensor, dim: int = -1) -> Tensor:
-    """H(p) for probabilities p; 0 log 0 = 0."""
-    return -torch.special.xlogy(p, p).sum(dim)
+    """H(p) for probabilities p; 0 log 0 = 0.
+
+    log is taken of p clamped to the smallest normal float: a saturated softmax gate has exact
+    zeros, where xlogy's gradient (log p + 1) is -inf and turns the softmax backward into NaN.
+    """
+    return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(dim)
 
 
 def varentropy_from_logits(logits: Tensor, dim: int = -1) -> Tensor:
