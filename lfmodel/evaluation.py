@@ -1,22 +1,29 @@
-"""Entropy traces of a trained model on the test split, the metrics, and the figures."""
+"""Entropy traces of a trained model on the test split, the metrics, and the figures.
+
+torch is imported only where a model runs (load_model, trace): the evaluate stage reads the
+traces, the weights (safetensors.numpy) and the curves without paying for it.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
-from safetensors.torch import load_file
-from torch import nn
 
-from lfmodel.entropy import entropy, entropy_from_logits, varentropy_from_logits
-from lfmodel.models import build_model, groups
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def load_model(model_dir: str | Path) -> tuple[nn.Module, dict]:
+    from safetensors.torch import load_file
+
+    from lfmodel.models import build_model
+
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     model = build_model(config["model"], config["vocab_size"])
@@ -27,64 +34,132 @@ def load_model(model_dir: str | Path) -> tuple[nn.Module, dict]:
 
 def measured_sparsity(model_dir: str | Path) -> float:
     """Zero fraction of the prunable weights, read from model.safetensors itself."""
+    from safetensors import safe_open
+
     model_dir = Path(model_dir)
     names = json.loads((model_dir / "config.json").read_text())["prunable"]
-    weights = load_file(str(model_dir / "model.safetensors"))
-    zeros = sum(int((weights[n] == 0).sum()) for n in names)
-    return zeros / max(sum(weights[n].numel() for n in names), 1)
+    zeros = total = 0
+    with safe_open(str(model_dir / "model.safetensors"), framework="numpy") as f:
+        for n in names:
+            w = f.get_tensor(n)
+            zeros += int(np.count_nonzero(w == 0))
+            total += w.size
+    return zeros / max(total, 1)
 
 
-@torch.no_grad()
+def token_activation_entropy(act: torch.Tensor) -> torch.Tensor:
+    """Per token H(|a| / sum |a|) / log F (all-zero vector -> 0): shape act.shape[:-1].
+
+    The per-token form of lfmodel.entropy.activation_entropy (whose value is its mean).
+    """
+    import torch
+
+    from lfmodel.entropy import entropy
+
+    a = act.detach().abs().float()
+    f = a.shape[-1]
+    if f < 2:
+        return a.new_zeros(a.shape[:-1])
+    p = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    return entropy(p) / math.log(f)
+
+
 def trace(model: nn.Module, split: dict[str, torch.Tensor], batch_size: int = 256) -> dict:
-    """Per-token table (output entropy/varentropy, nll, gates) and per-layer activation entropy."""
+    """Entropy traces of `model` (eval mode) over a split.
+
+    Returns pandas tables:
+      tokens    one row per (sequence, position): input, target, nll (squared error for a
+                series), output entropy and varentropy (tokens), regime and bayes_nll where
+                known, per MoE layer the gate distribution (g0..), its entropy, its largest
+                probability and the top expert, and per prunable layer the normalized
+                activation entropy of that token (column `act.<layer>`).
+      layers    per layer: mean / std of the normalized activation entropy over tokens.
+      layer_positions  per (layer, position): mean normalized activation entropy.
+      experts   per (MoE layer, expert): mean gate probability and top-1 share.
+    """
+    import torch
+
+    from lfmodel.entropy import entropy, entropy_from_logits, varentropy_from_logits
+    from lfmodel.models import groups
+
     x, y = split["inputs"], split["targets"]
     n, s = x.shape
     tokens = y.dtype == torch.long
     gs = groups(model)
     cols: dict[str, list[np.ndarray]] = {}
-    act: dict[str, list[float]] = {g: [] for g in gs}
-    act_pos: dict[str, list[np.ndarray]] = {g: [] for g in gs}
+    captured: dict[str, torch.Tensor] = {}
 
     def add(name: str, value: torch.Tensor) -> None:
         cols.setdefault(name, []).append(value.reshape(-1).cpu().numpy())
 
-    for i in range(0, n, batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+    def capture(name: str):
+        def observe(act: torch.Tensor) -> torch.Tensor:
+            captured[name] = token_activation_entropy(act)
+            return act
+        return observe
+
+    was_training = model.training
+    model.eval()
+    for name, g in gs.items():  # per-token activation entropy: shadow `observe` on the instance
+        g.observe = capture(name)
+    try:
+        with torch.no_grad():
+            for i in range(0, n, batch_size):
+                xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+                captured.clear()
+                out, gates = model(xb, return_gates=True)
+                b = xb.shape[0]
+                add("seq", torch.arange(i, i + b)[:, None].expand(b, s))
+                add("position", torch.arange(s)[None, :].expand(b, s))
+                add("input", xb)
+                add("target", yb)
+                if tokens:
+                    logp = torch.log_softmax(out, -1)
+                    add("nll", -logp.gather(-1, yb[..., None]).squeeze(-1))
+                    add("entropy", entropy_from_logits(out))
+                    add("varentropy", varentropy_from_logits(out))
+                else:
+                    add("prediction", out.squeeze(-1))
+                    add("nll", (out.squeeze(-1) - yb) ** 2)  # squared error for series
+                for key, col in (("regimes", "regime"), ("bayes_nll", "bayes_nll")):
+                    if key in split:
+                        add(col, split[key][i:i + batch_size])
+                for li, g in enumerate(gates):
+                    add(f"block{li}.top_expert", g.argmax(-1))
+                    add(f"block{li}.gate_max", g.max(-1).values)
+                    add(f"block{li}.gate_entropy", entropy(g))
+                    for e in range(g.shape[-1]):
+                        add(f"block{li}.g{e}", g[..., e])
+                for name in gs:
+                    add(f"act.{name}", captured[name])
+    finally:
         for g in gs.values():
-            g.monitor = True
-        out, gates = model(xb, return_gates=True)
-        for name, g in gs.items():
-            act[name].append(float(g.act_entropy) * xb.numel())
-            g.monitor = False
-        b = xb.shape[0]
-        add("seq", torch.arange(i, i + b)[:, None].expand(b, s))
-        add("position", torch.arange(s)[None, :].expand(b, s))
-        add("input", xb)
-        add("target", yb)
-        if tokens:
-            logp = torch.log_softmax(out, -1)
-            add("nll", -logp.gather(-1, yb[..., None]).squeeze(-1))
-            add("entropy", entropy_from_logits(out))
-            add("varentropy", varentropy_from_logits(out))
-        else:
-            add("prediction", out.squeeze(-1))
-            add("nll", (out.squeeze(-1) - yb) ** 2)  # squared error for series
-        for key in ("regimes", "bayes_nll"):
-            if key in split:
-                add("regime" if key == "regimes" else key, split[key][i:i + batch_size])
-        for li, g in enumerate(gates):
-            add(f"block{li}.top_expert", g.argmax(-1))
-            add(f"block{li}.gate_entropy", entropy(g))
-            for e in range(g.shape[-1]):
-                add(f"block{li}.g{e}", g[..., e])
+            del g.observe  # back to the class method
+        model.train(was_training)
     table = pd.DataFrame({k: np.concatenate(v) for k, v in cols.items()})
-    layers = pd.DataFrame({"layer": list(act),
-                           "activation_entropy": [sum(v) / x.numel() for v in act.values()]})
-    del act_pos
-    return {"tokens": table, "layers": layers}
+    act_cols = [f"act.{name}" for name in gs]
+    layers = pd.DataFrame({"layer": list(gs),
+                           "activation_entropy": [float(table[c].mean()) for c in act_cols],
+                           "activation_entropy_std": [float(table[c].std()) for c in act_cols]})
+    per_pos = table.groupby("position")[act_cols].mean().rename(
+        columns=lambda c: c[len("act."):]).reset_index()
+    layer_positions = per_pos.melt(id_vars="position", var_name="layer",
+                                   value_name="activation_entropy")
+    rows = []
+    for li in range(len(gates) if n else 0):
+        gcols = sorted((c for c in table if c.startswith(f"block{li}.g") and
+                        c[len(f"block{li}.g"):].isdigit()), key=lambda c: int(c.split(".g")[1]))
+        top = table[f"block{li}.top_expert"].to_numpy()
+        for e, c in enumerate(gcols):
+            rows.append({"layer": f"block{li}", "expert": e, "mean_gate": float(table[c].mean()),
+                         "top_share": float((top == e).mean())})
+    experts = pd.DataFrame(rows, columns=["layer", "expert", "mean_gate", "top_share"])
+    return {"tokens": table, "layers": layers, "layer_positions": layer_positions,
+            "experts": experts}
 
 
 def by_position(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean per position of the test NLL, output entropy and varentropy (and Bayes NLL)."""
     cols = [c for c in ("nll", "entropy", "varentropy", "bayes_nll") if c in table]
     return table.groupby("position", as_index=False)[cols].mean()
 
@@ -139,8 +214,11 @@ def stability(loss_csv: str | Path, tail: float = 0.2) -> float:
     return float(np.var(losses[-k:]))
 
 
-def figures(out_dir: Path, train_dir: Path, traces_dir: Path) -> list[Path]:
-    """PNG figures: loss curves, sparsity, activation entropy, output entropy by position."""
+def figures(out_dir: Path, train_dir: Path, traces_dir: Path,
+            meta: dict | None = None) -> list[Path]:
+    """PNG figures: loss curves (with the Bayes and baseline levels from `meta`), sparsity,
+    activation entropy over steps, output entropy by position, expert use (by regime if known).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,12 +237,11 @@ def figures(out_dir: Path, train_dir: Path, traces_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(loss["step"], loss["train_loss"].rolling(20, min_periods=1).mean(), label="train (20-step mean)")
     ax.plot(val["step"], val["val_loss"], "o-", label="val")
-    meta_path = Path("data/prepared/meta.json")
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if "bayes_loss_val" in meta:
+    if meta:
+        if meta.get("bayes_loss_val") is not None:
             ax.axhline(meta["bayes_loss_val"], color="k", ls="--", lw=1, label="bayes (val)")
-        ax.axhline(meta["baseline_loss"], color="gray", ls=":", lw=1, label=meta["baseline"])
+        ax.axhline(meta["baseline_loss"], color="gray", ls=":", lw=1,
+                   label=f"{meta['baseline']} (test)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend()
@@ -189,7 +266,36 @@ def figures(out_dir: Path, train_dir: Path, traces_dir: Path) -> list[Path]:
         if c in pos:
             ax.plot(pos["position"], pos[c], label=c)
     ax.set_xlabel("position")
-    ax.set_ylabel("nats")
+    ax.set_ylabel("nats" if "entropy" in pos else "squared error")
     ax.legend()
     save(fig, "output_by_position.png")
+
+    tokens_path = traces_dir / "tokens.parquet"
+    tops = []
+    if tokens_path.exists():
+        tokens = pd.read_parquet(tokens_path)
+        tops = sorted(c for c in tokens.columns if c.endswith(".top_expert"))
+    if tops:  # one panel per MoE layer: top expert by regime, or expert use if none known
+        fig, axes = plt.subplots(1, len(tops), figsize=(3.2 * len(tops), 3), squeeze=False)
+        for ax, col in zip(axes[0], tops, strict=True):
+            layer = col.split(".")[0]
+            n_exp = sum(1 for c in tokens.columns if c.startswith(f"{layer}.g") and
+                        c[len(layer) + 2:].isdigit())
+            if "regime" in tokens:  # row: a regime's tokens, split by top expert (all experts)
+                tab = pd.crosstab(tokens["regime"], tokens[col], normalize="index").reindex(
+                    columns=range(n_exp), fill_value=0.0)
+                im = ax.imshow(tab.to_numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+                ax.set_xticks(range(tab.shape[1]), tab.columns)
+                ax.set_yticks(range(tab.shape[0]), tab.index)
+                ax.set_xlabel("top expert")
+                ax.set_ylabel("true regime")
+                fig.colorbar(im, ax=ax, fraction=0.046)
+            else:
+                share = tokens[col].value_counts(normalize=True).reindex(range(n_exp),
+                                                                         fill_value=0.0)
+                ax.bar(share.index.astype(str), share.to_numpy())
+                ax.set_xlabel("top expert")
+                ax.set_ylabel("share of tokens")
+            ax.set_title(layer)
+        save(fig, "experts.png")
     return made

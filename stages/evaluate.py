@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 from lfmodel.config import stage_main
-from lfmodel.data import load_meta
 from lfmodel.evaluation import figures, gate_summary, measured_sparsity, stability
 from lfmodel.tracking import read_run_file, stage_run
 
@@ -17,7 +16,7 @@ def main(params: dict) -> None:
 
     run_id = read_run_file()["run_id"]
     with stage_run("evaluate", params, run_id=run_id) as tracker:
-        meta = load_meta("data/prepared")
+        meta = json.loads(Path("data/prepared/meta.json").read_text())  # no torch here
         tokens = pd.read_parquet("reports/traces/tokens.parquet")
         test_loss = float(tokens["nll"].mean())
         bayes = meta.get("bayes_loss_test")
@@ -32,12 +31,13 @@ def main(params: dict) -> None:
             "sparsity": measured_sparsity("data/model"),
             **gate_summary(tokens),
             "output_entropy": float(tokens["entropy"].mean()) if "entropy" in tokens else None,
+            "output_varentropy": (float(tokens["varentropy"].mean()) if "varentropy" in tokens
+                                  else None),
             "train_loss_var_last20": stability("reports/train/loss.csv"),
             "val_loss": float(pd.read_csv("reports/train/val.csv")["val_loss"].iloc[-1]),
-            "run_id": run_id,
         }
         (OUT / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        made = figures(OUT / "figures", Path("reports/train"), Path("reports/traces"))
+        made = figures(OUT / "figures", Path("reports/train"), Path("reports/traces"), meta)
         tracker.log_metrics({k: v for k, v in metrics.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
         tracker.log_artifact(OUT / "metrics.json")
@@ -45,7 +45,8 @@ def main(params: dict) -> None:
             tracker.log_artifact(f, "figures")
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
              if k in ("test_loss", "baseline_loss", "bayes_loss", "excess_loss", "sparsity")}
-    print(f"evaluate: {shown} -> {OUT / 'metrics.json'}")
+    # run id not in metrics.json (it would make the file differ per run): logged-into run here
+    print(f"evaluate: {shown} -> {OUT / 'metrics.json'} (MLflow run {tracker.run_id})")
 
 
 if __name__ == "__main__":
