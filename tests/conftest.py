@@ -17,7 +17,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "lfmodel", "stages", ".gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "lfmodel", "stages", ".gitignore",
+                 "data/raw"]
 
 # Small enough that a full `dvc repro` takes seconds of compute (imports dominate).
 TINY = {
