@@ -6,8 +6,32 @@ queued experiment DVC points it at the parent repo, not the temporary copy it de
 
 `train` creates the run and writes its id to `reports/train/run.json`; later stages reopen it.
 Each stage marks the run RUNNING while it works, FINISHED when it returns and FAILED (or
-KILLED on SIGTERM) when it raises, so no run is left RUNNING by a crash.
+KILLED on SIGTERM / Ctrl-C) when it raises, so no run is left RUNNING by a crash.
 Metrics are buffered and sent in batches (async), off the training hot path.
+
+Queue safety: store schema and experiment are created under a file lock (`.mlflow.lock` in the
+repo root), so parallel `dvc queue` workers never race on the schema; every call is retried on
+SQLite "database is locked" (MLflow also sets a 20 s busy timeout).
+
+DVC run cache (decision): `train` is kept out of the run cache, other stages are left in it.
+What links a DVC result to its MLflow run is `reports/train/run.json` (a train output, so it is
+in every experiment's outputs) and, for experiments, the run's `dvc.exp_name` tag.
+  * `train` has a `persist: true` output (data/checkpoints), and DVC never saves or restores a
+    stage with a persisted output (`dvc/stage/cache.py: _can_hash`). So every time DVC decides
+    train must run, it executes and creates a new MLflow run; it is never silently restored
+    with a `run.json` naming a run from another execution (or one never made in this store,
+    e.g. by a queued experiment whose temporary copy is gone).
+  * `trace` and `evaluate` depend on `reports/train/run.json`, whose content is the run id, so
+    their run-cache key includes the run id. A restore can only happen for the very run they
+    already logged into when they executed; it logs nothing new and needs nothing new.
+  * A stage that reopens a run id the current store does not have (store deleted, outputs
+    pulled from another machine, `MLFLOW_TRACKING_URI` changed between stages) does not fail
+    and does not log into nothing: it starts a new run with the params and tags, tagged
+    `lfmodel.train_run_id` (the missing id) and `lfmodel.train_run_missing`, and says so on
+    stderr; `tracker.run_id` is the run really logged into.
+
+MLflow's INFO chatter (schema creation/migration) is silenced unless `MLFLOW_LOGGING_LEVEL` is
+set, so stage output stays readable under `dvc repro`.
 """
 
 from __future__ import annotations
@@ -16,9 +40,11 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -73,10 +99,19 @@ def _store_lock(root: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _quiet_mlflow() -> None:
+    """Drop MLflow's INFO lines (schema creation, migrations) from stage output."""
+    if os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        return
+    for name in ("mlflow.store.db.utils", "mlflow.store.db", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def get_client(experiment: str) -> tuple[Any, str]:
     """(MlflowClient, experiment_id); creates the store schema and experiment once, locked."""
     from mlflow.tracking import MlflowClient
 
+    _quiet_mlflow()
     uri = tracking_uri()
     root = repo_root()
     with _store_lock(root) if _is_default_store(uri) else contextlib.nullcontext():
@@ -149,16 +184,23 @@ class Tracker:
             self.flush(wait=False)
 
     def flush(self, wait: bool = True) -> None:
+        """Send buffered metrics (async batches); wait=True blocks until all are stored.
+
+        An async batch that failed (e.g. the store stayed locked) is resent synchronously.
+        """
         while self._buffer:
             chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
             op = retry(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c,
                                                              synchronous=False))
-            if op is not None:
-                self._pending.append(op)
+            self._pending.append((op, chunk))
         if wait:
-            for op in self._pending:
-                op.wait()
-            self._pending.clear()
+            pending, self._pending = self._pending, []
+            for op, chunk in pending:
+                try:
+                    if op is not None:
+                        op.wait()
+                except Exception:
+                    retry(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c))
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -201,19 +243,57 @@ def _raise_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _run_exists(client: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        retry(lambda: client.get_run(run_id))
+        return True
+    except MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or \
+                "not found" in str(err).lower():
+            return False
+        raise
+
+
+def _new_run(client: Any, exp_id: str, stage: str, params: dict,
+             extra_tags: dict[str, str] | None = None) -> Tracker:
+    name = os.environ.get("DVC_EXP_NAME") or "workspace"
+    tags = {**run_tags(), **(extra_tags or {})}
+    run = retry(lambda: client.create_run(exp_id, run_name=name, tags=tags))
+    tracker = Tracker(client, run.info.run_id, stage)
+    tracker.log_params(params)
+    return tracker
+
+
+def _settle(tracker: Tracker, stage: str, status: str, tags: dict[str, str]) -> None:
+    """Flush, tag and set the terminal status; a failing flush never keeps the run RUNNING."""
+    try:
+        tracker.flush()
+    except Exception as err:  # still mark the run
+        print(f"{stage}: MLflow flush failed: {err}", file=sys.stderr)
+    try:
+        tracker.set_tags(tags)
+    finally:
+        tracker.set_status(status)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict, run_id: str | None = None) -> Iterator[Tracker]:
     """Open (run_id given) or create the pipeline's run for one stage; settle its status.
 
-    A new run gets all params (flattened: lambda_entropy, surge.mode, ...) and the tags.
+    A new run gets all params (flattened: lambda_entropy, surge.mode, ...) and the tags. A
+    run_id the store does not know starts a new run (see the module docstring); the stage
+    should report `tracker.run_id`, the run it really logged into.
     """
     client, exp_id = get_client(params["tracking"]["experiment"])
     if run_id is None:
-        name = os.environ.get("DVC_EXP_NAME") or "workspace"
-        run = retry(lambda: client.create_run(exp_id, run_name=name, tags=run_tags()))
-        run_id = run.info.run_id
-        tracker = Tracker(client, run_id, stage)
-        tracker.log_params(params)
+        tracker = _new_run(client, exp_id, stage, params)
+    elif not _run_exists(client, run_id):
+        print(f"{stage}: MLflow run {run_id} (from train) is not in {tracking_uri()}; "
+              "logging into a new run", file=sys.stderr)
+        tracker = _new_run(client, exp_id, stage, params, {"lfmodel.train_run_id": run_id,
+                                                           "lfmodel.train_run_missing": "true"})
     else:
         tracker = Tracker(client, run_id, stage)
         tracker.set_status("RUNNING")
@@ -225,15 +305,11 @@ def stage_run(stage: str, params: dict, run_id: str | None = None) -> Iterator[T
         tracker.set_tags({f"dvc.stage.{stage}": "done"})
         tracker.set_status("FINISHED")
     except KeyboardInterrupt:
-        tracker.flush()
-        tracker.set_tags({f"dvc.stage.{stage}": "killed"})
-        tracker.set_status("KILLED")
+        _settle(tracker, stage, "KILLED", {f"dvc.stage.{stage}": "killed"})
         raise
     except BaseException as err:
-        tracker.flush()
-        tracker.set_tags({f"dvc.stage.{stage}": "failed",
-                          f"dvc.stage.{stage}.error": str(err)[:4000]})
-        tracker.set_status("FAILED")
+        _settle(tracker, stage, "FAILED", {f"dvc.stage.{stage}": "failed",
+                                           f"dvc.stage.{stage}.error": str(err)[:4000]})
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -252,8 +328,8 @@ class MLflowHook:
         if metrics:
             self.tracker.log_metrics(metrics, step)
         if step % self.snapshot_every == 0:
-            self.tracker.log_metrics(
-                {f"sparsity/{g}": s for g, s in trainer.masks.group_sparsity().items()}, step)
+            snap = {f"sparsity/{g}": s for g, s in trainer.masks.group_sparsity().items()}
+            self.tracker.log_metrics({k: v for k, v in snap.items() if k not in metrics}, step)
 
     def on_event(self, trainer: Any, event: dict) -> None:
         rule = event["rule"]
