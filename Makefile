@@ -35,7 +35,7 @@ lint: setup
 	$(BIN)/ruff check lfmodel stages tests bench
 
 ui: setup  ## MLflow UI on 127.0.0.1:5000 against the default store
-	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts
+	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts
 
 bench: setup  ## benchmarks: one JSON line each
 	@for b in bench/*.py; do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$b || exit 1; done
