@@ -44,9 +44,9 @@ DEFAULTS: dict[str, Any] = {
         "mode": "dense", "target_sparsity": 0.5, "scope": "layer", "start_fraction": 0.3,
         "collapse_every": 100, "surge_every": 200, "regrow": "random", "recovery": 0.1,
         "noise_scale": 0.5, "rigl_every": 50, "drop_fraction": 0.3, "rigl_end_fraction": 0.75,
-        "check_every": 50, "ema": 0.9, "high": 0.9, "low": 0.6, "step_sparsity": 0.1,
+        "check_every": 50, "ema": 0.7, "high": 0.85, "low": 0.45, "step_sparsity": 0.1,
         "max_sparsity": 0.5, "energy_boost": 2.0, "energy_steps": 50, "pump_fraction": 0.1,
-        "input_noise": 0.1, "noise_steps": 50, "plateau_window": 3, "plateau_eps": 0.002,
+        "input_noise": 0.1, "noise_steps": 50, "plateau_window": 3, "plateau_eps": 0.005,
     },
     "tracking": {"experiment": "entropy-dynamics", "snapshot_every": 100},
 }

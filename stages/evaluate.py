@@ -43,6 +43,10 @@ def main(params: dict) -> None:
         tracker.log_artifact(OUT / "metrics.json")
         for f in made:
             tracker.log_artifact(f, "figures")
+        if meta["kind"] == "tokens":  # sampled continuations, branch per token (lfmodel.sampling)
+            from lfmodel.sampling import write_samples
+            tracker.log_artifact(write_samples("data/model", "data/prepared", OUT / "samples.md",
+                                               seed=params["seed"]))
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
              if k in ("test_loss", "baseline_loss", "bayes_loss", "excess_loss", "sparsity")}
     # run id not in metrics.json (it would make the file differ per run): logged-into run here
