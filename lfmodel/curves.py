@@ -28,9 +28,8 @@ class CurvesHook:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         steps = range(1, len(trainer.losses) + 1)
-        pd.DataFrame({"step": steps, "train_loss": trainer.losses,
-                      "lr": [trainer.lr_at(s) for s in steps]}).to_csv(out / "loss.csv",
-                                                                       index=False)
+        pd.DataFrame({"step": steps, "train_loss": trainer.losses, "lr": trainer.lrs}).to_csv(
+            out / "loss.csv", index=False)
         pd.DataFrame(trainer.val_history, columns=["step", "val_loss"]).to_csv(
             out / "val.csv", index=False)
         df = pd.DataFrame(self.rows)

@@ -93,6 +93,7 @@ class Trainer:
         self.lr_scale = 1.0      # the adaptive controller's "energy" multiplies the lr
         self.current_lr = self.lr_at(1)
         self.losses: list[float] = []   # every step's task loss: the stability measure
+        self.lrs: list[float] = []      # every step's lr, energy boosts included
         self.events: list[dict] = []
         self.val_history: list[tuple[int, float]] = []
 
@@ -157,6 +158,7 @@ class Trainer:
             self.masks.apply()
             self.step = step
             self.losses.append(value)
+            self.lrs.append(self.current_lr)
             metrics: dict[str, float] = {}
             if monitor or len(self.events) > n_events:
                 metrics.update(self.snapshot(loss, task, parts))
@@ -204,6 +206,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step, "lr_scale": self.lr_scale, "losses": list(self.losses),
+            "lrs": list(self.lrs),
             "events": list(self.events), "val_history": list(self.val_history),
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -219,6 +222,7 @@ class Trainer:
         self.masks.enabled = state["masks_enabled"]
         self.step, self.lr_scale = state["step"], state["lr_scale"]
         self.losses, self.events = list(state["losses"]), list(state["events"])
+        self.lrs = list(state["lrs"])
         self.val_history = [tuple(v) for v in state["val_history"]]
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
