@@ -6,7 +6,8 @@ queues the grid {surge.mode} x {lambda_entropy} x {seed} through `dvc exp run --
 (`dvc exp run --run-all -j JOBS`), then builds reports/study/ from MLflow's `search_runs`:
 table.md / table.csv (mean +- std over seeds), runs.csv (every run id behind every number),
 figures, and verdict.md (one verdict per seed claim, written from the numbers).
-`--report-only --study-id ID` rebuilds the report from runs already in the store.
+`--report-only --study-id ID` rebuilds the report from runs already in the store;
+`--study-id ID` alone resumes a study, queueing only the grid points without a FINISHED run.
 """
 
 from __future__ import annotations
@@ -44,10 +45,14 @@ def exp_name(study_id: str, mode: str, lam: float, seed: int) -> str:
 
 
 def queue_grid(study_id: str, modes: list[str], lambdas: list[float], seeds: list[int],
-               overrides: dict) -> list[str]:
+               overrides: dict, skip: set[str] = frozenset()) -> list[str]:
+    """Queue seed-major (all modes x lambdas of seed 0 first), so a study cut short still
+    has every arm; names in `skip` (already FINISHED in MLflow) are not queued again."""
     names = []
-    for mode, lam, seed in itertools.product(modes, lambdas, seeds):
+    for seed, mode, lam in itertools.product(seeds, modes, lambdas):
         name = exp_name(study_id, mode, lam, seed)
+        if name in skip:
+            continue
         sets = [f"surge.mode={mode}", f"lambda_entropy={lam}", f"seed={seed}",
                 *(f"{k}={v}" for k, v in overrides.items())]
         cmd = ["dvc", "exp", "run", "--queue", "-n", name]
@@ -251,7 +256,12 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {**STUDY_OVERRIDES, "train.steps": args.steps}
     overrides.update(dict(s.split("=", 1) for s in args.set))
     t0 = time.time()
-    names = queue_grid(study_id, args.modes, args.lambdas, args.seeds, overrides)
+    done: set[str] = set()
+    if args.study_id:  # resuming a study: keep its finished runs
+        runs = collect(study_id, params["tracking"]["experiment"])
+        if not runs.empty:
+            done = set(runs.loc[runs["status"] == "FINISHED", "exp_name"])
+    names = queue_grid(study_id, args.modes, args.lambdas, args.seeds, overrides, done)
     print(f"study {study_id}: queued {len(names)} experiments; running with -j {args.jobs} ...",
           flush=True)
     proc = subprocess.run(["dvc", "exp", "run", "--run-all", "-j", str(args.jobs)])
