@@ -58,7 +58,10 @@ def queue_grid(study_id: str, modes: list[str], lambdas: list[float], seeds: lis
         cmd = ["dvc", "exp", "run", "--queue", "-n", name]
         for s in sets:
             cmd += ["-S", s]
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"study: queueing {name} failed: {proc.stderr.strip() or proc.stdout}"
+                             " (a name taken by an earlier, unfinished study? use a new --study-id)")
         names.append(name)
     return names
 
