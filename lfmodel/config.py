@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -27,16 +28,16 @@ DEFAULTS: dict[str, Any] = {
     "lambda_entropy": 0.01,
     "data": {
         "source": "regimes", "path": None, "column": None, "seq_len": 64,
-        "n_train": 4096, "n_val": 256, "n_test": 512, "vocab_size": 32, "num_regimes": 4,
+        "n_train": 16384, "n_val": 256, "n_test": 512, "vocab_size": 32, "num_regimes": 4,
         "switch_prob": 1 / 32, "dirichlet_alpha": 0.2, "val_fraction": 0.1,
         "test_fraction": 0.1,
     },
     "model": {
-        "arch": "lfm", "d_model": 64, "num_layers": 2, "num_experts": 4, "expert_dim": 128,
+        "arch": "lfm", "d_model": 64, "num_layers": 2, "num_experts": 4, "expert_dim": 64,
         "adapt_dim": 16, "adapt_rank": 4, "context": 8, "hidden": 256,
     },
     "train": {
-        "steps": 1200, "batch_size": 32, "lr": 3e-3, "weight_decay": 0.0, "cosine": True,
+        "steps": 1000, "batch_size": 32, "lr": 0.015, "weight_decay": 0.0, "cosine": True,
         "warmup_steps": 50, "grad_clip": 1.0, "lambda_balance": 0.0, "eval_every": 100,
         "log_every": 25, "checkpoint_every": 200, "threads": 2,
     },
@@ -108,25 +109,51 @@ def _type_name(default: Any) -> str:
         type(default), "a string or null")
 
 
+def _all_keys(schema: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in schema.items():
+        out.append(prefix + k)
+        if isinstance(v, dict):
+            out.extend(_all_keys(v, f"{prefix}{k}."))
+    return out
+
+
+def _did_you_mean(key: str, prefix: str, schema: dict) -> str:
+    """A close key in the same section, else the same (or a close) key in another section."""
+    near = difflib.get_close_matches(key, list(schema), n=1)
+    if near:
+        return f" (did you mean '{prefix}{near[0]}'?)"
+    elsewhere = [k for k in _all_keys(DEFAULTS) if k.rsplit(".", 1)[-1] == key]
+    if not elsewhere:
+        leaves = {k.rsplit(".", 1)[-1]: k for k in _all_keys(DEFAULTS)}
+        elsewhere = [leaves[n] for n in difflib.get_close_matches(key, list(leaves), n=1)]
+    return f" (did you mean '{elsewhere[0]}'?)" if elsewhere else ""
+
+
 def _check(user: dict, schema: dict, prefix: str = "") -> dict:
     if not isinstance(user, dict):
-        raise ParamsError(f"{prefix.rstrip('.') or 'params'}: expected a mapping")
+        where = f"'{prefix.rstrip('.')}'" if prefix else "the top level"
+        raise ParamsError(f"{where} must be a mapping of keys, got {user!r}"[:200])
     out: dict[str, Any] = {}
     for key, value in user.items():
         full = prefix + str(key)
         if key not in schema:
-            near = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
-            raise ParamsError(f"unknown key '{full}'{hint}")
+            raise ParamsError(f"unknown key '{full}'{_did_you_mean(str(key), prefix, schema)}")
         default = schema[key]
         if isinstance(default, dict):
-            out[key] = _check(value, default, full + ".")
+            out[key] = _check({} if value is None else value, default, full + ".")
             continue
         if value is None and full in NULLABLE:
             out[key] = None
             continue
         if not _type_ok(value, default):
-            raise ParamsError(f"'{full}' must be {_type_name(default)}, got {value!r}")
+            hint = (" (YAML reads unquoted off/on/no/yes as booleans: quote the value)"
+                    if isinstance(value, bool) and isinstance(default, str) else "")
+            expected = (f"one of {', '.join(CHOICES[full])}" if full in CHOICES
+                        else _type_name(default))
+            raise ParamsError(f"'{full}' must be {expected}, got {value!r}{hint}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ParamsError(f"'{full}' must be a finite number, got {value!r}")
         if full in CHOICES and value not in CHOICES[full]:
             raise ParamsError(f"'{full}' must be one of {', '.join(CHOICES[full])}; got {value!r}")
         if full in RANGES:

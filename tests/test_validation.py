@@ -1,0 +1,136 @@
+"""Params validation (issue 6.1): every bad params.yaml gives one line naming the key, exit 2,
+no traceback, and the stage body never runs (so it writes nothing).
+
+Fast: `validate` and `stage_main` in-process, and one subprocess running each real stage script
+against a bad params.yaml. The `dvc repro` / `dvc checkout` round trip is in test_hardening.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lfmodel.config import DEFAULTS, ParamsError, load_params, stage_main, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (raw params, substrings the one-line message must contain)
+CASES = [
+    ({"lamda_entropy": 0.1}, ["unknown key 'lamda_entropy'", "did you mean 'lambda_entropy'"]),
+    ({"train": {"stepz": 10}}, ["unknown key 'train.stepz'", "did you mean 'train.steps'"]),
+    ({"train": {"target_sparsity": 0.5}},
+     ["unknown key 'train.target_sparsity'", "did you mean 'surge.target_sparsity'"]),
+    ({"modle": {"arch": "lfm"}}, ["unknown key 'modle'", "did you mean 'model'"]),
+    ({"train": {"steps": "many"}}, ["'train.steps'", "must be an integer", "'many'"]),
+    ({"train": {"steps": 1.5}}, ["'train.steps'", "must be an integer"]),
+    ({"train": {"cosine": "yes please"}}, ["'train.cosine'", "must be a boolean"]),
+    ({"train": {"lr": "fast"}}, ["'train.lr'", "must be a number"]),
+    ({"train": {"lr": float("nan")}}, ["'train.lr'", "finite"]),
+    ({"train": {"steps": -5}}, ["'train.steps'", "out of range"]),
+    ({"train": {"steps": 0}}, ["'train.steps'", "out of range"]),
+    ({"train": {"batch_size": 0}}, ["'train.batch_size'", "out of range"]),
+    ({"surge": {"target_sparsity": 1.0}}, ["'surge.target_sparsity'", "out of range [0, 1)"]),
+    ({"surge": {"target_sparsity": -0.1}}, ["'surge.target_sparsity'", "out of range"]),
+    ({"surge": {"max_sparsity": 1.5}}, ["'surge.max_sparsity'", "out of range"]),
+    ({"surge": {"mode": "sometimes"}}, ["'surge.mode'", "dense, static, interval, rigl, adaptive"]),
+    ({"surge": {"mode": False}}, ["'surge.mode'", "booleans"]),  # `mode: off` in YAML
+    ({"surge": {"low": 0.95, "high": 0.9}}, ["'surge.low'", "'surge.high'"]),
+    ({"data": {"source": "csv"}}, ["'data.source'", "regimes, text, series"]),
+    ({"data": {"source": "text", "path": "no/such/file.txt"}},
+     ["'data.path'", "not found", "no/such/file.txt"]),
+    ({"data": {"source": "text"}}, ["'data.path'", "required"]),
+    ({"data": {"source": "series", "path": "PARAMS_DIR_FILE"}}, ["'data.column'", "required"]),
+    ({"model": {"arch": "transformer"}}, ["'model.arch'", "lfm, mlp"]),
+    ({"train": [1, 2]}, ["'train'", "mapping"]),
+]
+
+
+def _materialize(raw: dict, where: Path) -> dict:
+    """Replace the PARAMS_DIR_FILE placeholder by a file that exists next to params.yaml."""
+    data = raw.get("data", {})
+    if data.get("path") == "PARAMS_DIR_FILE":
+        (where / "series.csv").write_text("x\n1\n2\n")
+        raw = {**raw, "data": {**data, "path": "series.csv"}}
+    return raw
+
+
+@pytest.mark.parametrize("raw,expected", CASES, ids=[str(c[0])[:40] for c in CASES])
+def test_validate_names_the_key(raw, expected, tmp_path):
+    raw = _materialize(raw, tmp_path)
+    with pytest.raises(ParamsError) as info:
+        validate(raw, base_dir=tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    for part in expected:
+        assert part in msg, f"{part!r} not in {msg!r}"
+
+
+def test_repo_params_and_defaults_are_valid(tmp_path):
+    params = load_params(ROOT / "params.yaml")
+    assert set(params) == set(DEFAULTS)
+    assert validate(None) == validate({}) == validate(DEFAULTS)
+    # a section left empty (all keys commented out) means its defaults
+    assert validate({"train": None})["train"] == DEFAULTS["train"]
+    # relative data.path resolves against the folder of params.yaml
+    (tmp_path / "corpus.txt").write_text("hello")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {"data": {"source": "text", "path": "corpus.txt"}}))
+    assert load_params(tmp_path / "params.yaml")["data"]["path"] == "corpus.txt"
+
+
+def test_yaml_off_is_caught_from_the_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("surge:\n  mode: off\n")
+    with pytest.raises(ParamsError, match="surge.mode"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("train: {steps: [1\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("raw,expected", CASES[::4], ids=[str(c[0])[:40] for c in CASES[::4]])
+def test_stage_main_exits_2_before_the_body_runs(raw, expected, tmp_path, monkeypatch, capsys):
+    raw = _materialize(raw, tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("LFMODEL_PARAMS", str(tmp_path / "params.yaml"))
+    called = []
+    with pytest.raises(SystemExit) as info:
+        stage_main(called.append)()
+    assert info.value.code == 2
+    assert called == []
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("params.yaml: ")
+    for part in expected:
+        assert part in err
+
+
+def test_real_stage_scripts_exit_2_and_write_nothing(tmp_path):
+    """Each of the four stage scripts, run as a program against a bad params.yaml."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"stepz": 10}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = (
+        "import runpy, sys\n"
+        "for s in ['prepare', 'train', 'trace', 'evaluate']:\n"
+        "    try:\n"
+        f"        runpy.run_path(r'{ROOT}/stages/' + s + '.py', run_name='__main__')\n"
+        "    except SystemExit as e:\n"
+        "        print(s, e.code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:4] == ["prepare 2", "train 2", "trace 2", "evaluate 2"]
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["params.yaml: unknown key 'train.stepz' (did you mean 'train.steps'?)"] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+    # and the process exit status itself, as DVC sees it
+    proc = subprocess.run([sys.executable, str(ROOT / "stages/train.py")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
