@@ -20,18 +20,47 @@ if TYPE_CHECKING:  # pragma: no cover
     from lfmodel.training import Trainer
 
 
+def _count(mask: Tensor) -> int:
+    """True entries of a bool tensor (count_nonzero: ~10x faster than .sum() on bools)."""
+    return int(torch.count_nonzero(mask))
+
+
+def kth_smallest(flat: Tensor, k: int) -> Tensor:
+    """The exact k-th smallest value (1-based) of a 1-D tensor.
+
+    Large inputs: a fixed-seed sample (global RNGs untouched) brackets the value in a narrow
+    band [lo, hi]; if #(< lo) < k <= #(< lo) + #(in band), which the counts verify, the answer
+    is the (k - #(< lo))-th value of the band, else kthvalue runs on everything. Same result as
+    torch.kthvalue, a few times faster above ~2^20 elements."""
+    n = flat.numel()
+    if n <= 1 << 18:
+        return torch.kthvalue(flat, k).values
+    m = min(1 << 16, n >> 6)
+    sample = flat[torch.randint(0, n, (m,), generator=torch.Generator().manual_seed(n))]
+    sample = sample.sort().values
+    q = k / n
+    margin = 8 * math.sqrt(q * (1 - q) / m) + 2 / m
+    lo = sample[max(0, math.floor((q - margin) * m))]
+    hi = sample[min(m - 1, math.ceil((q + margin) * m))]
+    below = _count(flat < lo)
+    band = flat[(flat >= lo) & (flat <= hi)]
+    if below < k <= below + band.numel():
+        return torch.kthvalue(band, k - below).values
+    return torch.kthvalue(flat, k).values
+
+
 def lowest_k(scores: Tensor, k: int) -> Tensor:
-    """Bool mask of exactly k lowest entries (ties broken by index). kthvalue, no quantile:
-    torch.quantile fails above 2^24 elements and is ~7x slower."""
+    """Bool mask of exactly k lowest entries (ties broken by index). Exact k-th value, no
+    quantile: torch.quantile fails above 2^24 elements and is several times slower."""
     flat = scores.reshape(-1)
     n = flat.numel()
     if k <= 0:
         return torch.zeros_like(flat, dtype=torch.bool).view_as(scores)
     if k >= n:
         return torch.ones_like(flat, dtype=torch.bool).view_as(scores)
-    thr = torch.kthvalue(flat, k).values
+    thr = kth_smallest(flat, k)
     out = flat < thr
-    need = k - int(out.sum())
+    need = k - _count(out)
     if need > 0:
         out[(flat == thr).nonzero().squeeze(1)[:need]] = True
     return out.view_as(scores)
@@ -69,17 +98,17 @@ class MaskSet:
     def _zero_state(self, name: str, where: Tensor) -> None:
         """Zero weight and Adam moments of `name` at `where` (bool, same shape)."""
         p = self.params[name]
-        p[where] = 0
+        p.masked_fill_(where, 0)
         if self.optimizer is not None:
             for v in self.optimizer.state.get(p, {}).values():
                 if isinstance(v, Tensor) and v.shape == p.shape:
-                    v[where] = 0
+                    v.masked_fill_(where, 0)
 
     # -- measurement
     def sparsity(self, names: list[str] | None = None) -> float:
         """Zero fraction measured from the weights themselves."""
         names = list(self.params) if names is None else names
-        zeros = sum(int((self.params[n] == 0).sum()) for n in names)
+        zeros = sum(self.params[n].numel() - _count(self.params[n]) for n in names)
         total = sum(self.params[n].numel() for n in names)
         return zeros / max(total, 1)
 
@@ -87,7 +116,7 @@ class MaskSet:
         return {g: self.sparsity(list(t)) for g, t in self.groups.items()}
 
     def mask_sparsity(self, names: list[str]) -> float:
-        return sum(int((~self.masks[n]).sum()) for n in names) / max(
+        return sum(self.masks[n].numel() - _count(self.masks[n]) for n in names) / max(
             sum(self.masks[n].numel() for n in names), 1)
 
     # -- operations
@@ -97,11 +126,11 @@ class MaskSet:
         (per tensor, or one global threshold over all tensors). Returns entries pruned."""
         self.enabled = True
         names = list(self.groups[group]) if group else list(self.params)
-        before = sum(int((~self.masks[n]).sum()) for n in names)
+        before = self._pruned(names)
         if scope == "global" and group is None:
             scores = torch.cat([self._score(n).reshape(-1) for n in names])
             k = round(sparsity * scores.numel())
-            if k > int((scores < 0).sum()):
+            if k > _count(scores < 0):
                 pruned = lowest_k(scores, k)
                 offset = 0
                 for n in names:
@@ -111,9 +140,12 @@ class MaskSet:
         else:
             for n in names:
                 k = round(sparsity * self.params[n].numel())
-                if k > int((~self.masks[n]).sum()):
+                if k > self._pruned([n]):
                     self._set_pruned(n, lowest_k(self._score(n), k))
-        return sum(int((~self.masks[n]).sum()) for n in names) - before
+        return self._pruned(names) - before
+
+    def _pruned(self, names: list[str]) -> int:
+        return sum(self.masks[n].numel() - _count(self.masks[n]) for n in names)
 
     def _score(self, name: str) -> Tensor:
         """|w|, with already-pruned entries at -1 so they stay pruned and count toward k."""
