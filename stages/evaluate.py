@@ -47,6 +47,10 @@ def main(params: dict) -> None:
             from lfmodel.sampling import write_samples
             tracker.log_artifact(write_samples("data/model", "data/prepared", OUT / "samples.md",
                                                seed=params["seed"]))
+        else:  # samples.md is a stage output: say why it is empty rather than omit it
+            (OUT / "samples.md").write_text("# Samples\n\nNo sampled continuations: "
+                                            "entropy-adaptive sampling applies to token data, "
+                                            "this run is a series regression.\n")
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
              if k in ("test_loss", "baseline_loss", "bayes_loss", "excess_loss", "sparsity")}
     # run id not in metrics.json (it would make the file differ per run): logged-into run here
