@@ -73,7 +73,10 @@ def collect(study_id: str, experiment: str) -> pd.DataFrame:
                               max_results=5000)
     rows = []
     for r in runs:
-        row = {"run_id": r.info.run_id, "status": r.info.status,
+        # train marks the run FINISHED before trace/evaluate reopen it: complete = evaluate done
+        complete = r.info.status == "FINISHED" and r.data.tags.get("dvc.stage.evaluate") == "done"
+        row = {"run_id": r.info.run_id,
+               "status": "FINISHED" if complete else f"INCOMPLETE ({r.info.status})",
                "exp_name": r.data.tags.get("dvc.exp_name"),
                "surge.mode": r.data.params.get("surge.mode"),
                "lambda_entropy": float(r.data.params.get("lambda_entropy", "nan")),
@@ -102,8 +105,8 @@ def markdown_table(table: pd.DataFrame) -> str:
         for m in METRICS:
             mean, std = r[f"{m}_mean"], r[f"{m}_std"]
             digits = 5 if m == "train_loss_var_last20" else 3
-            std = 0.0 if pd.isna(std) else std
-            cells.append("n/a" if pd.isna(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")
+            spread = "" if pd.isna(std) else f" ± {std:.{digits}f}"  # no std from one seed
+            cells.append("n/a" if pd.isna(mean) else f"{mean:.{digits}f}{spread}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

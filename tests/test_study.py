@@ -35,8 +35,15 @@ def _log_grid(study_id: str, experiment: str) -> list[str]:
                    "train_loss_var_last20": (0.001 if mode == "adaptive" else 0.01) + noise / 10}
         for k, v in metrics.items():
             client.log_metric(rid, k, v)
+        client.set_tag(rid, "dvc.stage.evaluate", "done")
         client.set_terminated(rid)
         ids.append(rid)
+    # a run whose train stage finished but evaluate never ran is listed, not averaged
+    partial = client.create_run(exp_id, tags={"dvc.exp_name": study.exp_name(study_id, "dense",
+                                                                             0.0, 9)})
+    client.log_param(partial.info.run_id, "surge.mode", "dense")
+    client.set_terminated(partial.info.run_id)
+    ids.append(partial.info.run_id)
     # a run of another study must not leak in
     other = client.create_run(exp_id, tags={"dvc.exp_name": "otherstudy-dense-l0-s0"})
     client.log_param(other.info.run_id, "surge.mode", "dense")
@@ -50,6 +57,7 @@ def test_study_report_traces_to_runs(store):
     assert sorted(runs["run_id"]) == sorted(ids)
     table = pd.read_csv(out / "table.csv")
     assert len(table) == 6 and (table["n_seeds"] == 3).all()
+    assert (runs["status"] == "INCOMPLETE (FINISHED)").sum() == 1
     dense0 = table[(table["surge.mode"] == "dense") & (table["lambda_entropy"] == 0.0)].iloc[0]
     assert dense0["token_entropy_mean"] == pytest.approx(1.001)
     assert dense0["token_entropy_std"] == pytest.approx(0.001)
