@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "check_every": 50, "ema": 0.7, "high": 0.85, "low": 0.45, "step_sparsity": 0.1,
         "max_sparsity": 0.5, "energy_boost": 2.0, "energy_steps": 50, "pump_fraction": 0.1,
         "input_noise": 0.1, "noise_steps": 50, "plateau_window": 3, "plateau_eps": 0.005,
+        "floor_end_fraction": 0.75,
     },
     "tracking": {"experiment": "entropy-dynamics", "snapshot_every": 100},
 }
@@ -83,6 +84,7 @@ RANGES: dict[str, tuple] = {
     "surge.max_sparsity": _UNIT_OPEN, "surge.energy_boost": _POS, "surge.energy_steps": _NONNEG,
     "surge.pump_fraction": _UNIT, "surge.input_noise": _NONNEG, "surge.noise_steps": _NONNEG,
     "surge.plateau_window": _POS, "surge.plateau_eps": _NONNEG,
+    "surge.floor_end_fraction": _UNIT,
     "tracking.snapshot_every": _POS,
 }
 NULLABLE = {"data.path", "data.column"}
@@ -191,6 +193,11 @@ def validate(raw: dict | None, base_dir: str | os.PathLike = ".") -> dict:
     surge = params["surge"]
     if surge["low"] >= surge["high"]:
         raise ParamsError(f"'surge.low' ({surge['low']}) must be below 'surge.high' ({surge['high']})")
+    if (surge["mode"] == "adaptive" and surge["floor_end_fraction"] > 0
+            and surge["max_sparsity"] < surge["target_sparsity"]):
+        raise ParamsError(f"'surge.max_sparsity' ({surge['max_sparsity']}) must be at least "
+                          f"'surge.target_sparsity' ({surge['target_sparsity']}) when the adaptive "
+                          "floor is on (surge.floor_end_fraction > 0)")
     if data["val_fraction"] + data["test_fraction"] >= 0.9:
         raise ParamsError("'data.val_fraction' + 'data.test_fraction' must leave training data")
     return params

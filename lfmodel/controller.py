@@ -18,6 +18,12 @@ and decides per group, in this order:
   plateau_collapse  not high, and |H - H from `plateau_window` checks ago| < plateau_eps:
                  collapse the group by `step_sparsity` (up to max_sparsity). May fire on the
                  same check as `noise` (a flat, low-entropy layer gets both).
+  floor          last, the sparsity budget: a layer below
+                 target_sparsity * min(1, step / (floor_end_fraction * steps)) is collapsed to
+                 it. The rules above decide where and when sparsity comes early; the floor makes
+                 adaptive end at the same target_sparsity as static/interval/rigl, so the study
+                 compares modes at equal sparsity (issue 5). floor_end_fraction 0 turns it off
+                 (the controller exactly as DESIGN.md words it).
 
 A collapse with no room left (already at max_sparsity) is skipped and emits nothing; so is a
 pump with nothing to move. Every decision is an event (trainer.emit) with step, layer, rule,
@@ -35,7 +41,7 @@ from lfmodel.sparsity import Schedule
 if TYPE_CHECKING:  # pragma: no cover
     from lfmodel.training import Trainer
 
-RULES = ("collapse_high", "pump", "energy", "noise", "plateau_collapse")
+RULES = ("collapse_high", "pump", "energy", "noise", "plateau_collapse", "floor")
 
 
 class AdaptiveController(Schedule):
@@ -106,11 +112,21 @@ class AdaptiveController(Schedule):
         hist, window = self.history[name], self.p["plateau_window"]
         return len(hist) > window and abs(hist[-1] - hist[-1 - window]) < self.p["plateau_eps"]
 
-    def _collapse(self, trainer: Trainer, name: str) -> tuple[int, float, float]:
+    def floor(self, step: int) -> float:
+        """The sparsity every layer must have reached by `step` (0 when the floor is off)."""
+        end = self.p["floor_end_fraction"] * self.total
+        if end <= 0:
+            return 0.0
+        return self.p["target_sparsity"] * min(1.0, step / end)
+
+    def _collapse(self, trainer: Trainer, name: str,
+                  target: float | None = None) -> tuple[int, float, float]:
         masks = trainer.masks
         names = list(masks.groups[name])
         before = masks.mask_sparsity(names)
-        target = round(min(before + self.p["step_sparsity"], self.p["max_sparsity"]), 6)
+        if target is None:
+            target = min(before + self.p["step_sparsity"], self.p["max_sparsity"])
+        target = round(target, 6)
         n = masks.collapse(target, "layer", group=name) if target > before + 1e-9 else 0
         return n, before, masks.mask_sparsity(names)
 
@@ -150,6 +166,16 @@ class AdaptiveController(Schedule):
                     self._emit(trainer, step, {**base, "rule": "plateau_collapse", "entries": n,
                                                "sparsity_before": before,
                                                "sparsity_after": after})
+        floor = self.floor(step)
+        for name in masks.groups if floor > 0 else ():
+            n, before, after = self._collapse(trainer, name, target=floor)
+            if n:
+                h = self.ema.get(name)
+                self._emit(trainer, step, {"step": step, "layer": name, "H": h,
+                                           "H_step": observed.get(name, (None, None))[1],
+                                           "rule": "floor", "entries": n,
+                                           "sparsity_before": before, "sparsity_after": after,
+                                           "floor": floor})
         if energized and p["energy_boost"] != 1.0:
             s = masks.mask_sparsity(list(masks.params))
             self._emit(trainer, step, {

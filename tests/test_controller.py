@@ -34,7 +34,7 @@ def surge(**over) -> dict:
     base = {"mode": "adaptive", "check_every": 5, "ema": 0.5, "high": 0.9, "low": 0.3,
             "step_sparsity": 0.1, "max_sparsity": 0.5, "energy_boost": 2.0, "energy_steps": 10,
             "pump_fraction": 0.1, "input_noise": 0.1, "noise_steps": 10, "plateau_window": 3,
-            "plateau_eps": 0.002}
+            "plateau_eps": 0.002, "floor_end_fraction": 0.0}
     return validate({"surge": {**base, **over}})["surge"]
 
 
@@ -193,6 +193,37 @@ def test_low_and_plateau_can_fire_together():
     assert rules[(20, "noise")] == 1 and rules[(20, "plateau_collapse")] == 1
 
 
+# ---------------------------------------------------------------- the sparsity floor
+def test_floor_brings_every_layer_to_target_on_a_linear_ramp():
+    """floor_end_fraction 0.5 of 40 steps, target 0.4: at check s every layer is at least
+    0.4 * min(1, s / 20); a layer the rules already pushed ahead is left alone; at the end all
+    layers sit at target_sparsity (as static/interval/rigl do), measured from the weights."""
+    trainer, ctl, rec = run(lambda s, n: 0.95 if (n == EXPERT and s == 5) else 0.5 + 0.01 * s,
+                            40, floor_end_fraction=0.5, target_sparsity=0.4, max_sparsity=0.4,
+                            step_sparsity=0.2)
+    ev = by_rule(trainer.events)
+    assert [ctl.floor(s) for s in (0, 5, 10, 20, 40)] == pytest.approx([0, 0.1, 0.2, 0.4, 0.4])
+    assert all(FIELDS <= set(e) for e in ev["floor"])
+    groups = set(trainer.masks.groups)
+    # step 5: the expert went to 0.2 by collapse_high, so the floor (0.1) skips it
+    assert {e["layer"] for e in ev["floor"] if e["step"] == 5} == groups - {EXPERT}
+    assert sorted({e["step"] for e in ev["floor"]}) == [5, 10, 15, 20]
+    for step in (5, 10, 15, 20, 30, 40):
+        for g in groups:
+            assert rec.rows[step]["sparsity"][g] >= ctl.floor(step) - 0.01, (step, g)
+    assert rec.rows[4]["sparsity"][MIX] == 0.0
+    assert all(rec.rows[40]["sparsity"][g] == pytest.approx(0.4, abs=0.01) for g in groups)
+    assert trainer.masks.sparsity() == pytest.approx(0.4, abs=0.01)
+
+
+def test_floor_needs_max_sparsity_at_least_target():
+    from lfmodel.config import ParamsError
+    with pytest.raises(ParamsError, match="max_sparsity"):
+        validate({"surge": {"mode": "adaptive", "target_sparsity": 0.5, "max_sparsity": 0.3}})
+    validate({"surge": {"mode": "adaptive", "target_sparsity": 0.5, "max_sparsity": 0.3,
+                        "floor_end_fraction": 0.0}})
+
+
 # ---------------------------------------------------------------- checkpoint state
 def test_state_dict_is_json_and_resume_is_exact(tmp_path):
     """Checkpoint at step 14 (noise armed until 20, energy decaying, EMA history of 2 checks),
@@ -262,4 +293,6 @@ def test_real_run_on_regimes_fires_all_three_rules():
             step, layer = e["step"], e["layer"]
             assert e["sparsity_after"] > e["sparsity_before"]
             assert rec.rows[step]["sparsity"][layer] > rec.rows[step - 1]["sparsity"][layer]
-    assert 0 < trainer.masks.sparsity() <= params["surge"]["max_sparsity"] + 1e-6
+    # the floor (default on) ends every layer at target_sparsity, like the other sparse modes
+    assert counts["floor"] > 0
+    assert trainer.masks.sparsity() == pytest.approx(params["surge"]["target_sparsity"], abs=0.01)
