@@ -80,7 +80,9 @@ def collect(study_id: str, experiment: str) -> pd.DataFrame:
                "exp_name": r.data.tags.get("dvc.exp_name"),
                "surge.mode": r.data.params.get("surge.mode"),
                "lambda_entropy": float(r.data.params.get("lambda_entropy", "nan")),
-               "seed": int(r.data.params.get("seed", -1))}
+               "seed": int(r.data.params.get("seed", -1)),
+               "train.steps": int(r.data.params.get("train.steps", -1)),
+               "surge.target_sparsity": r.data.params.get("surge.target_sparsity")}
         row.update({m: r.data.metrics.get(m, math.nan) for m in METRICS})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -231,7 +233,11 @@ def build_report(study_id: str, experiment: str, seconds: float | None = None) -
     table.to_csv(OUT / "table.csv", index=False)
     md = [f"# Study {study_id}\n",
           f"{len(runs)} runs ({int((runs['status'] == 'FINISHED').sum())} finished); "
-          "mean ± std over seeds; run ids in runs.csv."
+          "mean ± std over seeds; run ids in runs.csv. Budget per run: "
+          f"{'/'.join(str(v) for v in sorted(runs['train.steps'].unique()))} training steps, "
+          "target sparsity "
+          f"{'/'.join(str(v) for v in sorted(runs['surge.target_sparsity'].dropna().unique()))}"
+          " (dense: 0)."
           + (f" Wall time: {seconds / 60:.1f} min." if seconds else "") + "\n",
           markdown_table(table)]
     (OUT / "table.md").write_text("\n".join(md))
