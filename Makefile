@@ -38,7 +38,7 @@ ui: setup  ## MLflow UI on 127.0.0.1:5000 against the default store
 	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts
 
 bench: setup  ## benchmarks: one JSON line each
-	@for b in bench/*.py; do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$b || exit 1; done
+	@for b in bench/[!_]*.py; do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$b || exit 1; done
 
 study: setup  ## queue the study grid through dvc exp and build reports/study/
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m lfmodel.study

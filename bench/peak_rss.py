@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -21,8 +20,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from _common import ROOT, machine
 
 PROBE = r"""
 import json, resource, runpy, sys
@@ -43,14 +41,6 @@ with open("rss.json", "w") as f:
 """
 
 
-def machine() -> dict:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
-            else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def peak_mb(cwd: Path, target: str, env: dict) -> float:
@@ -92,7 +82,7 @@ def main() -> None:
         "model_parameters": n_params,
         "train_peak_rss_mb": round(train, 1), "prepare_peak_rss_mb": round(prepare, 1),
         "import_floor_rss_mb": round(floor, 1), "ratio_to_import_floor": round(train / floor, 3),
-        "machine": machine(),
+        "machine": machine(torch_threads=False),
     }), flush=True)
 
 

@@ -13,28 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def machine() -> dict:
-    import torch
-
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
-            else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
+from _common import machine  # noqa: E402  (puts the repository on sys.path)
 
 
 def main() -> None:
@@ -76,7 +61,7 @@ def main() -> None:
         "sync_metrics_per_s": round(sync, 1), "async_metrics_per_s": round(asyn, 1),
         "ratio": round(asyn / sync, 2),
         "async_call_us_per_metric": round(statistics.median(call_us), 2),
-        "machine": machine(),
+        "machine": machine(torch_threads=False),
     }), flush=True)
 
 

@@ -25,17 +25,14 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import torch  # noqa: E402
+from _common import ROOT, machine  # noqa: E402  (puts the repository on sys.path)
 from torch import nn  # noqa: E402
 
 from lfmodel.checkpoint import Checkpointer  # noqa: E402
@@ -46,17 +43,6 @@ from lfmodel.entropy import regularized_loss  # noqa: E402
 from lfmodel.models import build_model  # noqa: E402
 from lfmodel.sparsity import build_schedule  # noqa: E402
 from lfmodel.training import TrainConfig, Trainer, seed_everything, task_loss  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
-            else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 class BareLoop:

@@ -20,6 +20,18 @@ BIN = Path(sys.executable).parent
 PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "lfmodel", "stages", ".gitignore",
                  "data/raw"]
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for in-process math tests: on 2 shared cores, two intra-op threads
+    contending with other processes run ~50x slower; restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # Small enough that a full `dvc repro` takes seconds of compute (imports dominate).
 TINY = {
     "data": {"seq_len": 32, "n_train": 128, "n_val": 64, "n_test": 64},

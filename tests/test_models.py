@@ -39,13 +39,7 @@ def perturb(x: torch.Tensor, vocab: int | None, where) -> torch.Tensor:
     return y
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: two threads contending with other processes are ~50x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 CASES = [("lfm", V), ("lfm", None), ("mlp", V), ("mlp", None)]

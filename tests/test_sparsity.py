@@ -19,13 +19,7 @@ V = 8
 PACKAGE = Path(__file__).resolve().parents[1] / "lfmodel"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: two threads contending with other processes are ~50x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 def token_data(n: int = 64, s: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:

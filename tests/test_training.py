@@ -20,13 +20,7 @@ DATA = {"num_regimes": 2, "vocab_size": V, "dirichlet_alpha": 0.2, "switch_prob"
 LAMBDA_STEPS = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: two threads contending with other processes are ~50x slower here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 
 @pytest.fixture(scope="module")
