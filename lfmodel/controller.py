@@ -119,16 +119,20 @@ class AdaptiveController(Schedule):
             return 0.0
         return self.p["target_sparsity"] * min(1.0, step / end)
 
-    def _collapse(self, trainer: Trainer, name: str,
-                  target: float | None = None) -> tuple[int, float, float]:
-        masks = trainer.masks
+    def _collapse(self, trainer: Trainer, event: dict, target: float | None = None) -> None:
+        """Collapse event["layer"] to `target` (default: one step_sparsity more, up to
+        max_sparsity) and emit `event` with the entries and sparsity moved; nothing to prune,
+        no event."""
+        masks, name = trainer.masks, event["layer"]
         names = list(masks.groups[name])
         before = masks.mask_sparsity(names)
         if target is None:
             target = min(before + self.p["step_sparsity"], self.p["max_sparsity"])
         target = round(target, 6)
         n = masks.collapse(target, "layer", group=name) if target > before + 1e-9 else 0
-        return n, before, masks.mask_sparsity(names)
+        if n:
+            self._emit(trainer, event["step"], {**event, "entries": n, "sparsity_before": before,
+                                                "sparsity_after": masks.mask_sparsity(names)})
 
     def _check(self, trainer: Trainer, step: int) -> None:
         p, masks = self.p, trainer.masks
@@ -140,11 +144,7 @@ class AdaptiveController(Schedule):
             names = list(masks.groups[name])
             base = {"step": step, "layer": name, "H": h, "H_step": h_step}
             if h > p["high"]:
-                n, before, after = self._collapse(trainer, name)
-                if n:
-                    self._emit(trainer, step, {**base, "rule": "collapse_high", "entries": n,
-                                               "sparsity_before": before,
-                                               "sparsity_after": after})
+                self._collapse(trainer, {**base, "rule": "collapse_high"})
                 before = masks.mask_sparsity(names)
                 n = masks.rewire(p["pump_fraction"], group=name) if p["pump_fraction"] else 0
                 if n:
@@ -161,21 +161,12 @@ class AdaptiveController(Schedule):
                                            "noise": p["input_noise"],
                                            "until": self.noise_until[name]})
             if self._plateau(name):
-                n, before, after = self._collapse(trainer, name)
-                if n:
-                    self._emit(trainer, step, {**base, "rule": "plateau_collapse", "entries": n,
-                                               "sparsity_before": before,
-                                               "sparsity_after": after})
+                self._collapse(trainer, {**base, "rule": "plateau_collapse"})
         floor = self.floor(step)
         for name in masks.groups if floor > 0 else ():
-            n, before, after = self._collapse(trainer, name, target=floor)
-            if n:
-                h = self.ema.get(name)
-                self._emit(trainer, step, {"step": step, "layer": name, "H": h,
-                                           "H_step": observed.get(name, (None, None))[1],
-                                           "rule": "floor", "entries": n,
-                                           "sparsity_before": before, "sparsity_after": after,
-                                           "floor": floor})
+            self._collapse(trainer, {"step": step, "layer": name, "H": self.ema.get(name),
+                                     "H_step": observed.get(name, (None, None))[1],
+                                     "rule": "floor", "floor": floor}, target=floor)
         if energized and p["energy_boost"] != 1.0:
             s = masks.mask_sparsity(list(masks.params))
             self._emit(trainer, step, {

@@ -226,12 +226,17 @@ def samples_repo(tmp_path_factory):
     return use
 
 
-def test_text_source_beats_bigram(samples_repo):
-    repo = samples_repo({"source": "text", "path": "tests/data/prose.txt"})
+def repro_all_stages(repo: Path) -> dict:
+    """`dvc repro` runs and locks all four stages; the metrics it wrote."""
     proc = timed_run(["dvc", "repro"], repo)
     assert all(f"Running stage '{stage}'" in proc.stdout for stage in STAGES), proc.stdout
     assert set(lock_stages(repo)) == set(STAGES)
-    metrics = read_metrics(repo)
+    return read_metrics(repo)
+
+
+def test_text_source_beats_bigram(samples_repo):
+    repo = samples_repo({"source": "text", "path": "tests/data/prose.txt"})
+    metrics = repro_all_stages(repo)
     print(f"text: test_loss {metrics['test_loss']:.4f}, bigram {metrics['baseline_loss']:.4f}")
     assert metrics["baseline"] == "bigram"
     assert metrics["bayes_loss"] is None and metrics["expert_regime_nmi"] is None
@@ -250,10 +255,7 @@ def test_text_source_beats_bigram(samples_repo):
 
 def test_series_source_beats_persistence(samples_repo):
     repo = samples_repo({"source": "series", "path": "tests/data/series.csv", "column": "load"})
-    proc = timed_run(["dvc", "repro"], repo)
-    assert all(f"Running stage '{stage}'" in proc.stdout for stage in STAGES), proc.stdout
-    assert set(lock_stages(repo)) == set(STAGES)
-    metrics = read_metrics(repo)
+    metrics = repro_all_stages(repo)
     print(f"series: test MSE {metrics['test_loss']:.4f}, persistence {metrics['baseline_loss']:.4f}")
     assert metrics["baseline"] == "persistence"
     assert metrics["bayes_loss"] is None
