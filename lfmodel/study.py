@@ -36,9 +36,9 @@ METRICS = {
     "train_loss_var_last20": "train-loss variance, last 20 % of steps",
 }
 # Overrides applied to every grid point so 45 runs fit in 30 minutes on 2 cores (-j 2, one
-# torch thread each). Measured: at batch 32 the grid took ~34 min (train 60 of ~90 CPU-s per
-# run); batch 16 costs 75 instead of 118 ms/step and keeps all 400 steps, so every step-based
-# schedule (interval, rigl, adaptive checks, the floor) fires exactly as at batch 32.
+# torch thread each). At batch 32 the grid was on course for ~34 min (14 runs timed; train is
+# 60 of ~90 CPU-s per run); batch 16 costs 75 instead of 118 ms/step and keeps all 400 steps,
+# so every step-based schedule (interval, rigl, adaptive checks, the floor) fires as at 32.
 STUDY_OVERRIDES = {"train.steps": 400, "train.batch_size": 16, "train.threads": 1,
                    "train.eval_every": 100}
 
