@@ -9,9 +9,11 @@ calls, per step: backward -> schedule.after_backward (sees dense gradients, may 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from lfmodel.models import prunable
@@ -208,6 +210,13 @@ class MaskSet:
 
     def state_dict(self) -> dict[str, Tensor]:
         return {n: m.clone() for n, m in self.masks.items()}
+
+    def save(self, path: str | Path) -> None:
+        """Write the masks as uint8 safetensors (1 = kept), one tensor per prunable weight
+        name: the format of data/model/masks.safetensors and of the sparsity snapshots."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file({n: m.to(dtype=torch.uint8).contiguous() for n, m in self.masks.items()},
+                  str(path))
 
     def load_state_dict(self, masks: dict[str, Tensor]) -> None:
         for n in self.masks:
