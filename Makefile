@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup run test lint ui bench study clean
+.PHONY: setup setup-cluster run test lint ui bench study clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or: make PY=python3)"; exit 1; }
@@ -15,7 +15,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	@touch $(STAMP)
 
+$(VENV)/.cluster: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,cluster]'
+	@touch $(VENV)/.cluster
+
 setup: $(STAMP)  ## create .venv and install lfmodel with test extras
+
+setup-cluster: $(VENV)/.cluster  ## also the cluster extra (ray, PostgreSQL): make test, sweeps
 
 run: setup  ## run the default pipeline (dvc repro) and say where results are
 	@test -d .git || { git init -q && git add -A && git -c user.name=lfmodel -c user.email=lfmodel@localhost commit -qm "initial snapshot"; }
@@ -27,7 +33,7 @@ run: setup  ## run the default pipeline (dvc repro) and say where results are
 	@echo "Results: reports/metrics.json, reports/figures/*.png, reports/traces/, reports/train/"
 	@echo "MLflow store: sqlite:///$(CURDIR)/mlflow.db (artifacts in $(CURDIR)/mlartifacts); browse with: make ui"
 
-test: setup  ## run the test suite
+test: setup-cluster  ## run the test suite
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest tests
 	$(BIN)/ruff check lfmodel stages tests bench
 
