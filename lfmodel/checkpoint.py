@@ -2,7 +2,8 @@
 
 `save_state` / `load_state` round-trip any nest of dicts, lists, tuples, numbers, strings and
 tensors (model, optimizer, RNG states, controller state, the MLflow run id) in one file,
-written to a temp name, fsynced and renamed, so a kill mid-write never leaves a torn checkpoint.
+written to a temp name, fsynced, renamed and the folder fsynced, so neither a kill mid-write
+nor a power loss right after leaves a torn or vanished checkpoint.
 
 `Checkpointer` is the train stage's hook. What a bit-exact resume needs, and where it lives:
   * `Trainer.state_dict()`: step, weights, Adam state, masks, batch generator, torch's global
@@ -21,6 +22,7 @@ written to a temp name, fsynced and renamed, so a kill mid-write never leaves a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -77,6 +79,11 @@ def save_state(path: str | Path, state: Any) -> None:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename lives in the folder's entry
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_state(path: str | Path) -> Any:
@@ -118,13 +125,26 @@ def restore_extra(trainer: Any, extra: dict[str, Any]) -> None:
             h.generator.set_state(extra["generators"][key])
 
 
+# What the train stage reads (dvc.yaml); `data` enters through the hash of the prepared data.
+TRAINING_PARAMS = ("seed", "lambda_entropy", "model", "train", "surge", "tracking")
+
+
+def fingerprint(params: dict, data_hash: str) -> str:
+    """Which run a checkpoint belongs to: the validated params train reads, as canonical JSON,
+    plus the prepared data's hash. A comment or key order in params.yaml does not change it;
+    an edited value, or other data, does (and the checkpoint is then ignored)."""
+    used = {k: params[k] for k in TRAINING_PARAMS}
+    text = json.dumps(used, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(f"{text}\n{data_hash}".encode()).hexdigest()[:16]
+
+
 _STEP_FILE = re.compile(r"step_(\d+)\.")
 
 
 class Checkpointer:
     """Trainer hook: every `every` steps, save trainer state + run id + fingerprint.
 
-    The fingerprint (hash of params and data) guards resume: a checkpoint from other params is
+    The fingerprint (`fingerprint(params, data_hash)`) guards resume: a checkpoint from other params is
     ignored. `mirror` is a folder of files written during training into an output DVC deletes
     before a rerun (named step_N.*; copied next to the checkpoint, restored on resume).
     A checkpoint is only written while all weights are finite: it is always a "last good" one.

@@ -1,8 +1,14 @@
 """Params: defaults, loading and validation.
 
-`params.yaml` is the only config. Every stage calls `load_params()` before it writes anything;
-a bad key, type or value raises `ParamsError` with one line naming the key, which the stage
-entry point turns into exit code 2 (see `stage_main`).
+`params.yaml` is the only config and `DEFAULTS` below the only place a default is written
+(params.yaml repeats it, a test checks they are equal). Every stage calls `load_params()`
+before it writes anything; a bad key, type or value raises `ParamsError` with one line naming
+the key, which the stage entry point turns into exit code 2 (see `stage_main`).
+
+The stages read `params.yaml` in the working directory, or the file named by the environment
+variable `LFMODEL_PARAMS` (used by tests and to run a stage by hand against another params
+file). A relative `data.path` is relative to the folder of that params file, both when it is
+validated and when `prepare` reads it (`data_file`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
 import yaml
 
 SURGE_MODES = ("dense", "static", "interval", "rigl", "adaptive")
@@ -30,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "source": "regimes", "path": None, "column": None, "seq_len": 64,
         "n_train": 16384, "n_val": 256, "n_test": 512, "vocab_size": 32, "num_regimes": 4,
         "switch_prob": 1 / 32, "dirichlet_alpha": 0.2, "val_fraction": 0.1,
-        "test_fraction": 0.1,
+        "test_fraction": 0.1, "missing": "error",
     },
     "model": {
         "arch": "lfm", "d_model": 64, "num_layers": 2, "num_experts": 4, "expert_dim": 64,
@@ -39,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "steps": 1000, "batch_size": 32, "lr": 0.015, "weight_decay": 0.0, "cosine": True,
         "warmup_steps": 50, "grad_clip": 1.0, "lambda_balance": 0.0, "eval_every": 100,
-        "log_every": 25, "checkpoint_every": 200, "threads": 2,
+        "log_every": 25, "checkpoint_every": 200, "threads": 2, "device": "auto",
     },
     "surge": {
         "mode": "dense", "target_sparsity": 0.5, "scope": "layer", "start_fraction": 0.3,
@@ -56,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": DATA_SOURCES, "model.arch": ARCHS, "surge.mode": SURGE_MODES,
     "surge.scope": ("layer", "global"), "surge.regrow": ("random", "gradient", "all"),
+    "data.missing": ("error", "drop", "interpolate"), "train.device": ("auto", "cpu", "cuda"),
 }
 # (low, high, low_inclusive, high_inclusive); None = unbounded.
 _POS = (0, None, False, True)
@@ -178,14 +187,58 @@ def _check(user: dict, schema: dict, prefix: str = "") -> dict:
     return merged
 
 
+def step_floats_per_token(params: dict) -> int:
+    """A lower bound on the float32 activations one training step keeps per token (saved for
+    backward): the tensors each layer must hold, none of the temporaries. Measured on the
+    default lfm / mlp (ru_maxrss of one forward + backward at batch 1024): about 22 KB and
+    4.8 KB per token, against 16 KB and 3.3 KB from this formula."""
+    m, d = params["model"], params["data"]
+    v = {"regimes": d["vocab_size"], "series": 1}.get(d["source"], 2)  # text: >= 2 characters
+    if m["arch"] == "mlp":
+        return m["context"] * v + 2 * m["hidden"] + 2 * v
+    dm, e = m["d_model"], m["num_experts"]
+    block = 14 * dm + e * (2 * m["expert_dim"] + 2 * dm) + m["adapt_dim"]
+    return m["num_layers"] * block + 2 * dm + 2 * v
+
+
+def available_bytes(device: str) -> tuple[int, str]:
+    """Memory a training step may use: the GPU's for cuda, else the machine's available RAM."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.get_device_properties(0).total_memory, "GPU memory"
+    return psutil.virtual_memory().available, "memory available"
+
+
+def _check_batch_fits(params: dict) -> None:
+    """Reject a batch whose activations cannot fit, before the allocator dies with a traceback."""
+    t = params["train"]
+    per_seq = 4 * step_floats_per_token(params) * params["data"]["seq_len"]
+    need = per_seq * t["batch_size"]
+    have, what = available_bytes(t["device"])
+    if need > have:
+        raise ParamsError(
+            f"'train.batch_size' = {t['batch_size']} does not fit: one step needs at least "
+            f"{need / 2**30:.3g} GiB of activations ({per_seq / 2**10:.0f} KiB per sequence of "
+            f"data.seq_len {params['data']['seq_len']}), the limit is the {have / 2**30:.1f} GiB "
+            f"of {what}; the largest batch that could fit is {have // per_seq}")
+
+
+def data_file(params: dict, base_dir: str | os.PathLike = ".") -> Path:
+    """The data file of text/series: `data.path`, relative to base_dir (the params file's folder)."""
+    return Path(base_dir) / params["data"]["path"]
+
+
 def validate(raw: dict | None, base_dir: str | os.PathLike = ".") -> dict:
-    """Return the full params (defaults filled in) or raise ParamsError."""
+    """Return the full params (defaults filled in) or raise ParamsError.
+
+    base_dir is the folder of the params file: a relative `data.path` is checked there (and
+    `prepare` reads it there, see `data_file`).
+    """
     params = _check(raw or {}, DEFAULTS)
     data = params["data"]
     if data["source"] in ("text", "series"):
         if not data["path"]:
             raise ParamsError(f"'data.path' is required when data.source is {data['source']}")
-        path = Path(base_dir) / data["path"]
+        path = data_file(params, base_dir)
         if not path.is_file():
             raise ParamsError(f"'data.path' file not found: {data['path']}")
     if data["source"] == "series" and not data["column"]:
@@ -198,8 +251,16 @@ def validate(raw: dict | None, base_dir: str | os.PathLike = ".") -> dict:
         raise ParamsError(f"'surge.max_sparsity' ({surge['max_sparsity']}) must be at least "
                           f"'surge.target_sparsity' ({surge['target_sparsity']}) when the adaptive "
                           "floor is on (surge.floor_end_fraction > 0)")
+    if surge["mode"] == "rigl" and surge["start_fraction"] >= surge["rigl_end_fraction"]:
+        raise ParamsError(f"'surge.start_fraction' ({surge['start_fraction']}) must be below "
+                          f"'surge.rigl_end_fraction' ({surge['rigl_end_fraction']}) when "
+                          "surge.mode is rigl (else it never rewires)")
     if data["val_fraction"] + data["test_fraction"] >= 0.9:
         raise ParamsError("'data.val_fraction' + 'data.test_fraction' must leave training data")
+    if params["train"]["device"] == "cuda" and not torch.cuda.is_available():
+        raise ParamsError("'train.device' is cuda but torch sees no CUDA GPU here "
+                          f"(torch {torch.__version__}); use auto or cpu")
+    _check_batch_fits(params)
     return params
 
 
@@ -226,13 +287,18 @@ def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def params_file() -> Path:
+    """The params file the stages read: $LFMODEL_PARAMS if set, else ./params.yaml."""
+    return Path(os.environ.get("LFMODEL_PARAMS", "params.yaml"))
+
+
 def stage_main(fn: Callable[[dict], None]) -> Callable[[], None]:
     """Wrap a stage's main: load + validate params first; ParamsError -> one line, exit 2."""
 
     @functools.wraps(fn)
     def wrapper() -> None:
         try:
-            params = load_params(os.environ.get("LFMODEL_PARAMS", "params.yaml"))
+            params = load_params(params_file())
         except ParamsError as err:
             print(f"params.yaml: {err}", file=sys.stderr)
             raise SystemExit(2) from None

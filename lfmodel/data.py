@@ -103,23 +103,31 @@ def prepare_regimes(d: dict, seed: int) -> tuple[dict, dict]:
 def _windows(arr: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray]:
     """Non-overlapping windows of s + 1 items -> (inputs [n, s], targets [n, s])."""
     n = (len(arr) - 1) // s
-    if n < 1:
-        raise ValueError(f"a split of {len(arr)} items is shorter than seq_len + 1 = {s + 1}")
     idx = np.arange(n)[:, None] * s + np.arange(s + 1)[None, :]
     w = arr[idx]
     return w[:, :-1], w[:, 1:]
 
 
 def _split_bounds(n: int, d: dict) -> list[tuple[int, int]]:
+    """[train, val, test) item ranges; raises if the shortest split holds no window of seq_len."""
     n_test = int(n * d["test_fraction"])
     n_val = int(n * d["val_fraction"])
     n_train = n - n_val - n_test
-    return [(0, n_train), (n_train, n_train + n_val), (n_train + n_val, n)]
+    bounds = [(0, n_train), (n_train, n_train + n_val), (n_train + n_val, n)]
+    shortest = min(hi - lo for lo, hi in bounds)
+    if shortest < d["seq_len"] + 1:
+        fits = (f"the largest data.seq_len that fits is {shortest - 1}" if shortest >= 3 else
+                "no data.seq_len fits: use a longer file or larger val/test fractions")
+        raise ValueError(f"a split of {shortest} items is shorter than seq_len + 1 = "
+                         f"{d['seq_len'] + 1} ({n} items in {d['path']}); {fits}")
+    return bounds
 
 
 def prepare_text(d: dict, base: Path) -> tuple[dict, dict]:
     """Characters as tokens; vocabulary from the training split, id 0 = unknown character."""
     text = (base / d["path"]).read_text(encoding="utf-8")
+    if not text:
+        raise ValueError(f"{d['path']} is empty")
     bounds = _split_bounds(len(text), d)
     train_text = text[bounds[0][0]:bounds[0][1]]
     chars = sorted(set(train_text))
@@ -135,18 +143,56 @@ def prepare_text(d: dict, base: Path) -> tuple[dict, dict]:
     return splits, meta
 
 
+def read_column(d: dict, base: Path) -> np.ndarray:
+    """`data.column` of the CSV as float64, empty cells handled by `data.missing`.
+
+    error: reject them (the message names the option); drop: remove those rows (the series
+    then jumps over the gap); interpolate: linear in the row index, the ends take the nearest
+    value. A cell that is present but not a number is always an error.
+    """
+    path = base / d["path"]
+    if path.stat().st_size == 0:
+        raise ValueError(f"{d['path']} is empty")
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{d['path']} is empty") from None
+    col = d["column"]
+    if col not in df.columns:
+        raise ValueError(f"column '{col}' not in {d['path']} (has: {', '.join(df.columns)})")
+    raw = df[col]
+    values = pd.to_numeric(raw, errors="coerce")
+    bad = values.isna() & raw.notna()
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"column '{col}' has {int(bad.sum())} non-numeric values (first: "
+                         f"{raw.iloc[row]!r} in data row {row + 1})")
+    missing = int(values.isna().sum())
+    if missing == len(values):
+        raise ValueError(f"column '{col}' in {d['path']} has no values")
+    if missing and d["missing"] == "error":
+        raise ValueError(f"column '{col}' has {missing} missing values of {len(values)}; set "
+                         "data.missing to drop or interpolate to use it anyway")
+    if d["missing"] == "drop":
+        values = values.dropna()
+    elif d["missing"] == "interpolate":
+        values = values.interpolate(method="linear", limit_direction="both")
+    out = values.to_numpy(dtype=np.float64)
+    if len(out) and out.min() == out.max():
+        raise ValueError(f"column '{col}' is constant ({out[0]:g} in every row): nothing to "
+                         "predict (the persistence baseline would be exactly 0)")
+    return out
+
+
 def prepare_series(d: dict, base: Path) -> tuple[dict, dict]:
     """One numeric CSV column, z-scored with training statistics; next-value regression."""
-    df = pd.read_csv(base / d["path"])
-    if d["column"] not in df.columns:
-        raise ValueError(f"column '{d['column']}' not in {d['path']} (has: {', '.join(df.columns)})")
-    values = pd.to_numeric(df[d["column"]], errors="coerce").to_numpy(dtype=np.float64)
-    if np.isnan(values).any():
-        raise ValueError(f"column '{d['column']}' has {int(np.isnan(values).sum())} non-numeric "
-                         "or missing values")
+    values = read_column(d, base)
     bounds = _split_bounds(len(values), d)
     train = values[bounds[0][0]:bounds[0][1]]
-    mean, std = float(train.mean()), float(train.std() or 1.0)
+    mean, std = float(train.mean()), float(train.std())
+    if std == 0:
+        raise ValueError(f"column '{d['column']}' is constant over the training split (the first "
+                         f"{bounds[0][1]} rows): nothing to learn from")
     z = ((values - mean) / std).astype(np.float32)
     splits = {}
     for name, (lo, hi) in zip(SPLITS, bounds, strict=True):
@@ -185,8 +231,11 @@ def persistence_mse(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------- entry points
-def prepare(data_params: dict, seed: int, out_dir: str | Path, base: str | Path = ".") -> dict:
-    """Build the splits of `data_params['source']` and write them to out_dir; returns meta."""
+def build(data_params: dict, seed: int, base: str | Path = ".") -> tuple[dict, dict]:
+    """The splits of `data_params['source']` and their meta (baselines included), in memory.
+
+    Raises ValueError with one line on a bad data file, before anything is written.
+    """
     src = data_params["source"]
     if src == "regimes":
         splits, meta = prepare_regimes(data_params, seed)
@@ -194,10 +243,6 @@ def prepare(data_params: dict, seed: int, out_dir: str | Path, base: str | Path 
         splits, meta = prepare_text(data_params, Path(base))
     else:
         splits, meta = prepare_series(data_params, Path(base))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, tensors in splits.items():
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(out / f"{name}.safetensors"))
     tr, va, te = (splits[s] for s in SPLITS)
     if meta["kind"] == "tokens":
         v = meta["vocab_size"]
@@ -211,7 +256,22 @@ def prepare(data_params: dict, seed: int, out_dir: str | Path, base: str | Path 
         meta["baseline"] = "persistence"
     meta["seq_len"] = data_params["seq_len"]
     meta["sizes"] = {s: int(splits[s]["inputs"].shape[0]) for s in SPLITS}
+    return splits, meta
+
+
+def write(splits: dict, meta: dict, out_dir: str | Path) -> None:
+    """Save every split as safetensors and meta.json into out_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, tensors in splits.items():
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(out / f"{name}.safetensors"))
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def prepare(data_params: dict, seed: int, out_dir: str | Path, base: str | Path = ".") -> dict:
+    """Build the splits and write them to out_dir; returns meta."""
+    splits, meta = build(data_params, seed, base)
+    write(splits, meta, out_dir)
     return meta
 
 
