@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from lfmodel.config import flatten
+from lfmodel.server import ServerError, check_tracking_server  # H3: preflight hook
 
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 
@@ -162,6 +163,12 @@ def run_tags(params_path: str = "params.yaml", data_dir: str = "data/prepared") 
         "version.torch": torch.__version__, "version.mlflow": mlflow.__version__,
         "version.dvc": dvc.__version__,
     }
+    # --- lfmodel sweep hook (H3, issue 11): `lfmodel sweep` passes these to the stages so the
+    # run nests under the sweep's parent run in the UI and names its sweep and Ray node.
+    tags.update({"mlflow.parentRunId": os.environ.get("LFMODEL_PARENT_RUN_ID", ""),
+                 "lfmodel.sweep_id": os.environ.get("LFMODEL_SWEEP_ID", ""),
+                 "lfmodel.node_id": os.environ.get("LFMODEL_NODE_ID", "")})
+    # --- end sweep hook
     return {k: v for k, v in tags.items() if v}
 
 
@@ -286,6 +293,14 @@ def stage_run(stage: str, params: dict, run_id: str | None = None) -> Iterator[T
     run_id the store does not know starts a new run (see the module docstring); the stage
     should report `tracker.run_id`, the run it really logged into.
     """
+    # --- server preflight hook (H3, issue 11): a tracking server that is down fails the stage
+    # in seconds with one line, not after minutes of MLflow's HTTP retries and a traceback.
+    try:
+        check_tracking_server(tracking_uri())
+    except ServerError as err:
+        print(f"{stage}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    # --- end preflight hook
     client, exp_id = get_client(params["tracking"]["experiment"])
     if run_id is None:
         tracker = _new_run(client, exp_id, stage, params)
