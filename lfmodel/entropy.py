@@ -47,15 +47,23 @@ def gate_entropies(gates: Tensor) -> tuple[Tensor, Tensor]:
     return entropy(g).mean(), entropy(g.mean(0))
 
 
-def activation_entropy(act: Tensor) -> Tensor:
-    """Mean over tokens of H(|a| / sum |a|) / log F; an all-zero vector counts as 0."""
-    a = act.detach().reshape(-1, act.shape[-1]).abs().float()
+def token_activation_entropy(act: Tensor) -> Tensor:
+    """Per token H(|a| / sum |a|) / log F over the last dim; an all-zero vector counts as 0.
+
+    The one definition: `activation_entropy` (training monitor) is its mean, the trace stage
+    stores it per token.
+    """
+    a = act.detach().abs().float()
     f = a.shape[-1]
     if f < 2:
-        return a.new_zeros(())
-    total = a.sum(-1, keepdim=True)
-    p = a / total.clamp_min(torch.finfo(a.dtype).tiny)
-    return (entropy(p) / math.log(f)).mean()
+        return a.new_zeros(a.shape[:-1])
+    p = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    return entropy(p) / math.log(f)
+
+
+def activation_entropy(act: Tensor) -> Tensor:
+    """Mean over tokens of `token_activation_entropy`: in [0, 1]."""
+    return token_activation_entropy(act.reshape(-1, act.shape[-1])).mean()
 
 
 def regularized_loss(

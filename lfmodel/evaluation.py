@@ -1,7 +1,7 @@
 """Entropy traces of a trained model on the test split, the metrics, and the figures.
 
-torch is imported only where a model runs (load_model, trace): the evaluate stage reads the
-traces, the weights (safetensors.numpy) and the curves without paying for it.
+torch is imported only where a model runs (trace): the evaluate stage reads the traces, the
+weights (safetensors.numpy) and the curves without paying for it.
 """
 
 from __future__ import annotations
@@ -19,19 +19,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def load_model(model_dir: str | Path) -> tuple[nn.Module, dict]:
-    from safetensors.torch import load_file
-
-    from lfmodel.models import build_model
-
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    model = build_model(config["model"], config["vocab_size"])
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
-    model.eval()
-    return model, config
-
-
 def measured_sparsity(model_dir: str | Path) -> float:
     """Zero fraction of the prunable weights, read from model.safetensors itself."""
     from safetensors import safe_open
@@ -47,23 +34,6 @@ def measured_sparsity(model_dir: str | Path) -> float:
     return zeros / max(total, 1)
 
 
-def token_activation_entropy(act: torch.Tensor) -> torch.Tensor:
-    """Per token H(|a| / sum |a|) / log F (all-zero vector -> 0): shape act.shape[:-1].
-
-    The per-token form of lfmodel.entropy.activation_entropy (whose value is its mean).
-    """
-    import torch
-
-    from lfmodel.entropy import entropy
-
-    a = act.detach().abs().float()
-    f = a.shape[-1]
-    if f < 2:
-        return a.new_zeros(a.shape[:-1])
-    p = a / a.sum(-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-    return entropy(p) / math.log(f)
-
-
 def trace(model: nn.Module, split: dict[str, torch.Tensor], batch_size: int = 256) -> dict:
     """Entropy traces of `model` (eval mode) over a split.
 
@@ -76,10 +46,18 @@ def trace(model: nn.Module, split: dict[str, torch.Tensor], batch_size: int = 25
       layers    per layer: mean / std of the normalized activation entropy over tokens.
       layer_positions  per (layer, position): mean normalized activation entropy.
       experts   per (MoE layer, expert): mean gate probability and top-1 share.
+      gates     per MoE layer: token_entropy = mean_t H(g_t) and usage_entropy = H(mean_t g_t)
+                (lfmodel.entropy.gate_entropies over the whole split, in float64).
     """
     import torch
 
-    from lfmodel.entropy import entropy, entropy_from_logits, varentropy_from_logits
+    from lfmodel.entropy import (
+        entropy,
+        entropy_from_logits,
+        gate_entropies,
+        token_activation_entropy,
+        varentropy_from_logits,
+    )
     from lfmodel.models import groups
 
     x, y = split["inputs"], split["targets"]
@@ -99,9 +77,11 @@ def trace(model: nn.Module, split: dict[str, torch.Tensor], batch_size: int = 25
         return observe
 
     was_training = model.training
+    was_monitored = {name: g.monitor for name, g in gs.items()}
     model.eval()
     for name, g in gs.items():  # per-token activation entropy: shadow `observe` on the instance
         g.observe = capture(name)
+        g.monitor = True  # a model may call observe only on monitored groups
     try:
         with torch.no_grad():
             for i in range(0, n, batch_size):
@@ -133,8 +113,9 @@ def trace(model: nn.Module, split: dict[str, torch.Tensor], batch_size: int = 25
                 for name in gs:
                     add(f"act.{name}", captured[name])
     finally:
-        for g in gs.values():
+        for name, g in gs.items():
             del g.observe  # back to the class method
+            g.monitor = was_monitored[name]
         model.train(was_training)
     table = pd.DataFrame({k: np.concatenate(v) for k, v in cols.items()})
     act_cols = [f"act.{name}" for name in gs]
@@ -145,17 +126,32 @@ def trace(model: nn.Module, split: dict[str, torch.Tensor], batch_size: int = 25
         columns=lambda c: c[len("act."):]).reset_index()
     layer_positions = per_pos.melt(id_vars="position", var_name="layer",
                                    value_name="activation_entropy")
-    rows = []
-    for li in range(len(gates) if n else 0):
-        gcols = sorted((c for c in table if c.startswith(f"block{li}.g") and
-                        c[len(f"block{li}.g"):].isdigit()), key=lambda c: int(c.split(".g")[1]))
-        top = table[f"block{li}.top_expert"].to_numpy()
+    rows, gate_rows = [], []
+    for layer, gcols in gate_columns(table).items():
+        top = table[f"{layer}.top_expert"].to_numpy()
         for e, c in enumerate(gcols):
-            rows.append({"layer": f"block{li}", "expert": e, "mean_gate": float(table[c].mean()),
+            rows.append({"layer": layer, "expert": e, "mean_gate": float(table[c].mean()),
                          "top_share": float((top == e).mean())})
+        tok, use = gate_entropies(torch.from_numpy(table[gcols].to_numpy(np.float64, copy=True)))
+        gate_rows.append({"layer": layer, "token_entropy": float(tok),
+                          "usage_entropy": float(use)})
     experts = pd.DataFrame(rows, columns=["layer", "expert", "mean_gate", "top_share"])
+    gate_table = pd.DataFrame(gate_rows, columns=["layer", "token_entropy", "usage_entropy"])
     return {"tokens": table, "layers": layers, "layer_positions": layer_positions,
-            "experts": experts}
+            "experts": experts, "gates": gate_table}
+
+
+def gate_columns(table: pd.DataFrame) -> dict[str, list[str]]:
+    """{MoE layer: its gate columns `<layer>.g0, .g1, ...` in expert order}, layers in table order.
+
+    The one parser of the trace's gate-column names (trace, gate_summary and figures use it).
+    """
+    found: dict[str, dict[int, str]] = {}
+    for c in table.columns:
+        layer, _, rest = c.partition(".")
+        if rest[:1] == "g" and rest[1:].isdigit():
+            found.setdefault(layer, {})[int(rest[1:])] = c
+    return {layer: [cols[e] for e in sorted(cols)] for layer, cols in found.items()}
 
 
 def by_position(table: pd.DataFrame) -> pd.DataFrame:
@@ -164,46 +160,54 @@ def by_position(table: pd.DataFrame) -> pd.DataFrame:
     return table.groupby("position", as_index=False)[cols].mean()
 
 
-def nmi(a: np.ndarray, b: np.ndarray) -> float:
-    """Normalized mutual information 2 I(a;b) / (H(a) + H(b)), in [0, 1]."""
-    _, ai = np.unique(a, return_inverse=True)
-    _, bi = np.unique(b, return_inverse=True)
+def mutual_information(a: np.ndarray, b: np.ndarray) -> float:
+    """I(a; b) in nats between two label sequences of equal length (empirical joint)."""
+    _, ai = np.unique(np.ravel(a), return_inverse=True)
+    _, bi = np.unique(np.ravel(b), return_inverse=True)
     joint = np.zeros((ai.max() + 1, bi.max() + 1))
-    np.add.at(joint, (ai, bi), 1)
+    np.add.at(joint, (ai.ravel(), bi.ravel()), 1)
     joint /= joint.sum()
-    pa, pb = joint.sum(1), joint.sum(0)
     nz = joint > 0
-    mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
-    ha = float(-(pa[pa > 0] * np.log(pa[pa > 0])).sum())
-    hb = float(-(pb[pb > 0] * np.log(pb[pb > 0])).sum())
-    return 0.0 if ha + hb == 0 else 2 * mi / (ha + hb)
+    indep = np.outer(joint.sum(1), joint.sum(0))
+    return float((joint[nz] * np.log(joint[nz] / indep[nz])).sum())
 
 
-def gate_summary(table: pd.DataFrame) -> dict[str, float | None]:
-    """token_entropy = mean_t H(g_t), usage_entropy = H(mean_t g_t), averaged over MoE layers;
-    expert_regime_nmi / expert_token_nmi: the best layer's NMI of top expert with regime/input."""
-    layers = sorted({c.split(".")[0] for c in table.columns if c.endswith(".top_expert")})
-    if not layers:
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalized mutual information 2 I(a;b) / (H(a) + H(b)) in [0, 1], with H(a) = I(a;a).
+
+    0 when both are constant (nothing to share).
+    """
+    ha, hb = mutual_information(a, a), mutual_information(b, b)
+    return 0.0 if ha + hb == 0 else 2 * mutual_information(a, b) / (ha + hb)
+
+
+def gate_summary(tokens: pd.DataFrame, gates: pd.DataFrame) -> dict[str, float | None]:
+    """Gate metrics from the trace: `gates` (per-layer entropies) and `tokens` (top experts).
+
+    token_entropy, usage_entropy: mean over MoE layers of the trace's per-layer values;
+    expert_regime_nmi / expert_token_nmi: NMI of the top expert with the regime (of the target
+    token: the regime that emits the token being predicted) / with the input token, the best
+    layer; per layer `<layer>.token_entropy`, `.usage_entropy`, `.expert_regime_nmi`.
+    """
+    if not len(gates):
         return {"token_entropy": None, "usage_entropy": None, "expert_regime_nmi": None,
                 "expert_token_nmi": None}
-    tok, use, reg, inp = [], [], [], []
-    for layer in layers:
-        gcols = sorted(c for c in table.columns if c.startswith(f"{layer}.g") and
-                       c[len(layer) + 2:].isdigit())
-        mean_g = table[gcols].to_numpy().mean(0)
-        tok.append(float(table[f"{layer}.gate_entropy"].mean()))
-        use.append(float(-(mean_g * np.log(np.clip(mean_g, 1e-30, None))).sum()))
-        top = table[f"{layer}.top_expert"].to_numpy()
-        if "regime" in table:
-            reg.append(nmi(top, table["regime"].to_numpy()))
-        if table["input"].dtype.kind == "i":
-            inp.append(nmi(top, table["input"].to_numpy()))
+    layers = list(gates["layer"])
+    tops = {layer: tokens[f"{layer}.top_expert"].to_numpy() for layer in layers}
+    reg = ({layer: nmi(top, tokens["regime"].to_numpy()) for layer, top in tops.items()}
+           if "regime" in tokens else {})
+    inp = ([nmi(top, tokens["input"].to_numpy()) for top in tops.values()]
+           if tokens["input"].dtype.kind == "i" else [])
     out: dict[str, float | None] = {
-        "token_entropy": float(np.mean(tok)), "usage_entropy": float(np.mean(use)),
-        "expert_regime_nmi": max(reg) if reg else None,
+        "token_entropy": float(gates["token_entropy"].mean()),
+        "usage_entropy": float(gates["usage_entropy"].mean()),
+        "expert_regime_nmi": max(reg.values()) if reg else None,
         "expert_token_nmi": max(inp) if inp else None}
-    for layer, t, u in zip(layers, tok, use, strict=True):
-        out[f"{layer}.token_entropy"], out[f"{layer}.usage_entropy"] = t, u
+    for r in gates.itertuples():
+        out[f"{r.layer}.token_entropy"] = float(r.token_entropy)
+        out[f"{r.layer}.usage_entropy"] = float(r.usage_entropy)
+        if reg:
+            out[f"{r.layer}.expert_regime_nmi"] = reg[r.layer]
     return out
 
 
@@ -212,6 +216,30 @@ def stability(loss_csv: str | Path, tail: float = 0.2) -> float:
     losses = pd.read_csv(loss_csv)["train_loss"].to_numpy()
     k = max(2, math.ceil(tail * len(losses)))
     return float(np.var(losses[-k:]))
+
+
+def metrics(meta: dict, traces_dir: Path, model_dir: Path, train_dir: Path) -> dict:
+    """reports/metrics.json: losses against the baselines, sparsity, gate measures, stability."""
+    tokens = pd.read_parquet(traces_dir / "tokens.parquet")
+    gates = pd.read_parquet(traces_dir / "gates.parquet")
+    test_loss = float(tokens["nll"].mean())
+    bayes = meta.get("bayes_loss_test")
+    return {
+        "test_loss": test_loss,
+        "baseline_loss": meta["baseline_loss"],
+        "baseline": meta["baseline"],
+        "bayes_loss": bayes,
+        "excess_loss": test_loss - bayes if bayes is not None else None,
+        "oracle_loss": meta.get("oracle_loss_test"),
+        "unigram_loss": meta.get("unigram_loss"),
+        "sparsity": measured_sparsity(model_dir),
+        **gate_summary(tokens, gates),
+        "output_entropy": float(tokens["entropy"].mean()) if "entropy" in tokens else None,
+        "output_varentropy": (float(tokens["varentropy"].mean()) if "varentropy" in tokens
+                              else None),
+        "train_loss_var_last20": stability(train_dir / "loss.csv"),
+        "val_loss": float(pd.read_csv(train_dir / "val.csv")["val_loss"].iloc[-1]),
+    }
 
 
 def figures(out_dir: Path, train_dir: Path, traces_dir: Path,
@@ -279,8 +307,7 @@ def figures(out_dir: Path, train_dir: Path, traces_dir: Path,
         fig, axes = plt.subplots(1, len(tops), figsize=(3.2 * len(tops), 3), squeeze=False)
         for ax, col in zip(axes[0], tops, strict=True):
             layer = col.split(".")[0]
-            n_exp = sum(1 for c in tokens.columns if c.startswith(f"{layer}.g") and
-                        c[len(layer) + 2:].isdigit())
+            n_exp = len(gate_columns(tokens)[layer])
             if "regime" in tokens:  # row: a regime's tokens, split by top expert (all experts)
                 tab = pd.crosstab(tokens["regime"], tokens[col], normalize="index").reindex(
                     columns=range(n_exp), fill_value=0.0)

@@ -167,8 +167,8 @@ def write_samples(model_dir: str | Path, data_dir: str | Path, out_path: str | P
 
     Token data only: returns None (and writes nothing) for a series model.
     """
+    from lfmodel.artifacts import load_model
     from lfmodel.data import load_meta, load_split
-    from lfmodel.evaluation import load_model
 
     meta = load_meta(data_dir)
     if meta.get("kind") != "tokens":

@@ -4,41 +4,21 @@ import json
 from pathlib import Path
 
 from lfmodel.config import stage_main
-from lfmodel.evaluation import figures, gate_summary, measured_sparsity, stability
+from lfmodel.evaluation import figures, metrics
 from lfmodel.tracking import read_run_file, stage_run
 
-OUT = Path("reports")
+OUT, TRAIN, TRACES = Path("reports"), Path("reports/train"), Path("reports/traces")
 
 
 @stage_main
 def main(params: dict) -> None:
-    import pandas as pd
-
     run_id = read_run_file()["run_id"]
     with stage_run("evaluate", params, run_id=run_id) as tracker:
         meta = json.loads(Path("data/prepared/meta.json").read_text())  # no torch here
-        tokens = pd.read_parquet("reports/traces/tokens.parquet")
-        test_loss = float(tokens["nll"].mean())
-        bayes = meta.get("bayes_loss_test")
-        metrics = {
-            "test_loss": test_loss,
-            "baseline_loss": meta["baseline_loss"],
-            "baseline": meta["baseline"],
-            "bayes_loss": bayes,
-            "excess_loss": test_loss - bayes if bayes is not None else None,
-            "oracle_loss": meta.get("oracle_loss_test"),
-            "unigram_loss": meta.get("unigram_loss"),
-            "sparsity": measured_sparsity("data/model"),
-            **gate_summary(tokens),
-            "output_entropy": float(tokens["entropy"].mean()) if "entropy" in tokens else None,
-            "output_varentropy": (float(tokens["varentropy"].mean()) if "varentropy" in tokens
-                                  else None),
-            "train_loss_var_last20": stability("reports/train/loss.csv"),
-            "val_loss": float(pd.read_csv("reports/train/val.csv")["val_loss"].iloc[-1]),
-        }
-        (OUT / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        made = figures(OUT / "figures", Path("reports/train"), Path("reports/traces"), meta)
-        tracker.log_metrics({k: v for k, v in metrics.items()
+        result = metrics(meta, TRACES, Path("data/model"), TRAIN)
+        (OUT / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        made = figures(OUT / "figures", TRAIN, TRACES, meta)
+        tracker.log_metrics({k: v for k, v in result.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
         tracker.log_artifact(OUT / "metrics.json")
         for f in made:
@@ -51,7 +31,7 @@ def main(params: dict) -> None:
             (OUT / "samples.md").write_text("# Samples\n\nNo sampled continuations: "
                                             "entropy-adaptive sampling applies to token data, "
                                             "this run is a series regression.\n")
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
              if k in ("test_loss", "baseline_loss", "bayes_loss", "excess_loss", "sparsity")}
     # run id not in metrics.json (it would make the file differ per run): logged-into run here
     print(f"evaluate: {shown} -> {OUT / 'metrics.json'} (MLflow run {tracker.run_id})")

@@ -8,6 +8,7 @@ CSV for what `dvc plots` reads, Parquet for the rest:
     layers.parquet           per layer: mean (and std) normalized activation entropy
     layer_positions.parquet  per layer and position: mean normalized activation entropy
     experts.parquet          per MoE layer and expert: mean gate probability, top-1 share
+    gates.parquet            per MoE layer: token and usage entropy of the gates
 """
 
 import shutil
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from lfmodel.artifacts import load_model
 from lfmodel.config import stage_main
 from lfmodel.data import load_split
-from lfmodel.evaluation import by_position, load_model, trace
+from lfmodel.evaluation import by_position, trace
 from lfmodel.tracking import read_run_file, stage_run
 
 OUT = Path("reports/traces")
@@ -35,7 +37,7 @@ def main(params: dict) -> None:
         shutil.rmtree(OUT, ignore_errors=True)
         OUT.mkdir(parents=True)
         by_position(traces["tokens"]).to_csv(OUT / "output_by_position.csv", index=False)
-        for name in ("tokens", "layers", "layer_positions", "experts"):
+        for name in ("tokens", "layers", "layer_positions", "experts", "gates"):
             traces[name].to_parquet(OUT / f"{name}.parquet", index=False)
         tracker.log_metrics({f"trace/act_entropy/{r.layer}": r.activation_entropy
                              for r in traces["layers"].itertuples()}, step=0)

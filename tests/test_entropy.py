@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from sklearn.metrics import mutual_info_score, normalized_mutual_info_score
 
 from lfmodel.entropy import (
     activation_entropy,
@@ -14,8 +16,10 @@ from lfmodel.entropy import (
     gate_entropies,
     normalized_entropy,
     regularized_loss,
+    token_activation_entropy,
     varentropy_from_logits,
 )
+from lfmodel.evaluation import mutual_information, nmi
 
 LN2 = math.log(2)
 
@@ -102,6 +106,44 @@ def test_activation_entropy_zero_vector_counts_zero():
     p = x.abs() / x.abs().sum(-1, keepdim=True)
     assert close(activation_entropy(x), (entropy(p) / math.log(16)).mean(), 1e-5)
     assert 0.0 <= float(activation_entropy(torch.relu(x))) <= 1.0
+
+
+def test_token_activation_entropy_per_token_and_its_mean():
+    a = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+                      [[2.0, -2.0, 2.0, -2.0], [0.0, 0.0, 0.0, 5.0]]])
+    per_token = token_activation_entropy(a)
+    torch.testing.assert_close(per_token, torch.tensor([[0.5, 0.0], [1.0, 0.0]]))
+    assert close(activation_entropy(a), per_token.mean())
+    assert token_activation_entropy(torch.ones(3, 5, 1)).shape == (3, 5)  # F = 1: zeros
+
+
+def test_mutual_information_hand_case_in_nats():
+    # joint (0,0) 1/4, (0,1) 1/4, (1,1) 1/2; marginals a (1/2, 1/2), b (1/4, 3/4)
+    a, b = np.array([0, 0, 1, 1]), np.array([0, 1, 1, 1])
+    mi = 0.25 * math.log(0.25 / (0.5 * 0.25)) + 0.25 * math.log(0.25 / (0.5 * 0.75)) \
+        + 0.5 * math.log(0.5 / (0.5 * 0.75))
+    assert mutual_information(a, b) == pytest.approx(mi, abs=1e-12)
+    assert mutual_information(a, a) == pytest.approx(LN2, abs=1e-12)  # I(a; a) = H(a)
+    h_b = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert nmi(a, b) == pytest.approx(2 * mi / (LN2 + h_b), abs=1e-12)
+    assert nmi(b, a) == pytest.approx(nmi(a, b), abs=1e-15)
+
+
+def test_nmi_independent_identical_and_against_sklearn():
+    a = np.repeat([0, 1, 2], 4)             # 12 items: the joint is exactly the product
+    b = np.tile([0, 1, 2, 3], 3)            # of the marginals -> I = 0
+    assert mutual_information(a, b) == pytest.approx(0.0, abs=1e-12)
+    assert nmi(a, b) == pytest.approx(0.0, abs=1e-12)
+    assert nmi(a, a) == pytest.approx(1.0, abs=1e-12)
+    assert nmi(a, np.array([7, 5, 9])[a]) == pytest.approx(1.0, abs=1e-12)  # relabelled
+    assert nmi(np.zeros(5), np.zeros(5)) == 0.0                            # nothing to share
+    rng = np.random.default_rng(0)
+    for k_a, k_b in ((2, 2), (4, 3), (5, 8)):
+        x = rng.integers(0, k_a, 500)
+        y = (x + rng.integers(0, 2, 500)) % k_b
+        assert mutual_information(x, y) == pytest.approx(mutual_info_score(x, y), abs=1e-12)
+        assert nmi(x, y) == pytest.approx(
+            normalized_mutual_info_score(x, y, average_method="arithmetic"), abs=1e-12)
 
 
 @pytest.mark.parametrize(("lam", "bal"), [(0.0, 0.0), (0.1, 0.0), (-0.05, 0.0), (0.02, 0.3)])
