@@ -12,10 +12,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 import yaml
 
-from lfmodel.config import DEFAULTS, ParamsError, load_params, stage_main, validate
+from lfmodel.config import (
+    CHOICES,
+    DEFAULTS,
+    ParamsError,
+    load_params,
+    stage_main,
+    step_floats_per_token,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +57,15 @@ CASES = [
     ({"data": {"source": "series", "path": "PARAMS_DIR_FILE"}}, ["'data.column'", "required"]),
     ({"model": {"arch": "transformer"}}, ["'model.arch'", "lfm, mlp"]),
     ({"train": [1, 2]}, ["'train'", "mapping"]),
+    ({"surge": {"mode": "rigl", "start_fraction": 0.75, "rigl_end_fraction": 0.75}},
+     ["'surge.start_fraction' (0.75)", "'surge.rigl_end_fraction' (0.75)", "never rewires"]),
+    ({"surge": {"mode": "rigl", "start_fraction": 0.9}},
+     ["'surge.start_fraction' (0.9)", "'surge.rigl_end_fraction' (0.75)"]),
+    ({"data": {"missing": "zero"}}, ["'data.missing'", "error, drop, interpolate"]),
+    ({"train": {"device": "gpu"}}, ["'train.device'", "auto, cpu, cuda"]),
+    ({"train": {"threads": -1}}, ["'train.threads'", "out of range [0, inf]"]),
+    ({"train": {"batch_size": 1_000_000_000}},
+     ["'train.batch_size' = 1000000000 does not fit", "GiB", "the largest batch that could fit"]),
 ]
 
 
@@ -81,6 +100,68 @@ def test_repo_params_and_defaults_are_valid(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
         {"data": {"source": "text", "path": "corpus.txt"}}))
     assert load_params(tmp_path / "params.yaml")["data"]["path"] == "corpus.txt"
+
+
+def test_params_yaml_is_exactly_the_schema_defaults():
+    """params.yaml repeats config.DEFAULTS, every key and every value (one default, written once
+    in DEFAULTS; the file shows it with comments)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert raw == DEFAULTS
+    # and with the same types (YAML `1.0` vs `1` would compare equal above)
+    flat_raw = {k: type(v) for k, v in _flat(raw).items()}
+    assert flat_raw == {k: type(v) for k, v in _flat(DEFAULTS).items()}
+    for key, choices in CHOICES.items():
+        assert _flat(DEFAULTS)[key] in choices, key
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def test_valid_edges_pass():
+    validate({"train": {"threads": 0}})  # 0 = chosen at run time
+    validate({"train": {"device": "cpu"}})
+    validate({"surge": {"mode": "rigl", "start_fraction": 0.74}})
+    validate({"surge": {"mode": "static", "start_fraction": 0.9}})  # no rigl_end_fraction there
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_is_one_line():
+    with pytest.raises(ParamsError, match=r"^'train.device' is cuda but torch sees no CUDA GPU"):
+        validate({"train": {"device": "cuda"}})
+
+
+def test_batch_limit_is_the_available_memory():
+    """The largest batch the message names passes; one more sequence than memory holds fails."""
+    per_seq = 4 * step_floats_per_token(DEFAULTS) * DEFAULTS["data"]["seq_len"]
+    assert step_floats_per_token(DEFAULTS) == 2 * (14 * 64 + 4 * (2 * 64 + 2 * 64) + 16) + 128 + 64
+    fits = psutil.virtual_memory().available // per_seq
+    with pytest.raises(ParamsError, match="'train.batch_size'") as info:
+        validate({"train": {"batch_size": 4 * fits}})
+    largest = int(str(info.value).rsplit(" ", 1)[-1])
+    assert 0.5 * fits < largest < 2 * fits  # available memory moves between the two calls
+    validate({"train": {"batch_size": largest // 2}})
+    # the default batch is far inside the limit
+    validate({"train": {"batch_size": 32}})
+
+
+def test_data_path_is_relative_to_the_params_file_for_check_and_read(tmp_path):
+    """The params file in one folder, the working directory another: prepare reads the file
+    validation found (next to params.yaml), not a same-named file in the working directory."""
+    conf, cwd = tmp_path / "conf", tmp_path / "cwd"
+    conf.mkdir(), cwd.mkdir()
+    (conf / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    (cwd / "corpus.txt").write_text("x" * 5)  # would fail as too short
+    (conf / "params.yaml").write_text(yaml.safe_dump(
+        {"data": {"source": "text", "path": "corpus.txt", "seq_len": 16}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LFMODEL_PARAMS": str(conf / "params.yaml")}
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "text -> data/prepared (train 89, val 11, test 11 sequences)" in proc.stdout
 
 
 def test_yaml_off_is_caught_from_the_file(tmp_path):
@@ -133,4 +214,17 @@ def test_real_stage_scripts_exit_2_and_write_nothing(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_huge_batch_exits_2_before_train_allocates(tmp_path):
+    """`train.batch_size: 1000000000` used to die in the allocator with a traceback."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"batch_size": 10**9}}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("LFMODEL_PARAMS", None)
+    proc = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("params.yaml: 'train.batch_size' = 1000000000 does not fit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
