@@ -1,0 +1,168 @@
+"""The study's statistics on synthetic inputs with known answers (issue 13)."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lfmodel.stats import (
+    compare_arms,
+    holm,
+    holm_alphas,
+    loss_spikes,
+    paired_bootstrap,
+    seed_spread,
+    spike_steps,
+    val_range_last20,
+    verdict,
+)
+
+
+def test_shifted_pair_interval_excludes_zero():
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.3, 0.05, 8)           # seeds differ a lot ...
+    arm = base + rng.normal(0.1, 0.02, 8)     # ... the pair differs by 0.1 +- 0.02
+    b = paired_bootstrap(arm - base)
+    assert b.n == 8 and 0 < b.low < b.mean < b.high
+    assert b.low > 0.05 and b.high < 0.15  # about the t-interval, 0.1 +- 2.4 * 0.02 / sqrt(8)
+    assert b.p < 0.001 and b.p_improve == 0.0 and b.share_better == 0.0
+    assert verdict(b.low, b.high) == "opposite"
+    flip = paired_bootstrap(base - arm)
+    assert flip.high < 0 and verdict(flip.low, flip.high) == "holds"
+    assert flip.p_improve == 1.0 and flip.share_better == 1.0
+    assert paired_bootstrap(arm - base, seed=0) == b  # seeded: same numbers twice
+
+
+def test_identical_arms_cover_zero_about_95_percent():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.3, 0.02, (2, 400, 8))  # two arms with the same distribution
+    covered = [(r := paired_bootstrap(d, seed=i)).low <= 0 <= r.high for i, d in enumerate(a - b)]
+    assert 0.90 <= np.mean(covered) <= 0.99
+
+
+def test_p_value_agrees_with_interval():
+    rng = np.random.default_rng(2)
+    for i in range(60):
+        d = rng.normal(0.01, 0.02, 6)
+        r = paired_bootstrap(d, seed=i)
+        if r.p < 0.04:
+            assert r.low > 0 or r.high < 0
+        if r.p > 0.06:
+            assert r.low <= 0 <= r.high
+
+
+def test_bootstrap_edge_cases():
+    assert math.isnan(paired_bootstrap([0.1, 0.2]).low)  # too few pairs
+    assert verdict(math.nan, math.nan) == "too few pairs"
+    same = paired_bootstrap([0.0] * 5)
+    assert (same.low, same.high, same.p) == (0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        paired_bootstrap([0.1, math.nan, 0.2])
+    with pytest.raises(ValueError, match="method"):
+        paired_bootstrap([0.1, 0.2, 0.3], method="bca")
+
+
+def test_holm_hand_computed():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(holm([0.6, 0.7, 0.01]), [1.0, 1.0, 0.03])  # 1.2 capped at 1
+    np.testing.assert_allclose(holm([0.02, math.nan, 0.01]), [0.02, math.nan, 0.02])
+
+
+def test_holm_alphas_stop_at_first_failure():
+    # 0.005 < .05/4, 0.01 < .05/3, 0.03 >= .05/2: Holm stops; 0.04 is judged at .05/2 too
+    np.testing.assert_allclose(holm_alphas([0.01, 0.04, 0.03, 0.005]),
+                               [0.05 / 3, 0.05 / 2, 0.05 / 2, 0.05 / 4])
+    # a stop at the first step keeps every comparison at Bonferroni's alpha / m
+    np.testing.assert_allclose(holm_alphas([0.02, 0.03, 0.3]), [0.05 / 3] * 3)
+    np.testing.assert_allclose(holm_alphas([0.02, 0.001, 0.3]), [0.05 / 2, 0.05 / 3, 0.05])
+
+
+def runs_table() -> pd.DataFrame:
+    """Seeds differ by 0.1 each (a pairing on anything but the seed is visibly wrong); adaptive
+    is 0.05 better than static per seed, rigl 0.02 worse; adaptive lacks seed 0, static seed 6;
+    dense has no sparsity (NaN) and sits beside both."""
+    rows = []
+    for seed in range(7):
+        noise = 0.002 * np.sin(seed * 1.7)
+        for sp in (0.5, 0.8):
+            if seed != 6:
+                rows.append(("static", sp, seed, 0.2 + 0.1 * seed + sp))
+            rows.append(("rigl", sp, seed, 0.22 + 0.1 * seed + sp + noise))
+            if seed != 0:
+                rows.append(("adaptive", sp, seed, 0.15 + 0.1 * seed + sp + noise))
+        rows.append(("dense", math.nan, seed, 1.5 + 0.1 * seed))
+    df = pd.DataFrame(rows, columns=["mode", "sparsity", "seed", "excess_loss"])
+    df["steps"] = 1000
+    return df
+
+
+def test_compare_arms_pairs_on_seed_and_picks_best_baseline():
+    out = compare_arms(runs_table(), "excess_loss", "mode",
+                       {"adaptive": ["static", "rigl", "dense"]}, group_on=("sparsity", "steps"),
+                       n_resamples=2000)
+    assert list(out["sparsity"]) == [0.5, 0.8] and set(out["baseline"]) == {"static"}
+    r = out.iloc[0]
+    assert r["n_pairs"] == 5 and r["missing"] == "adaptive lacks 0; static lacks 6"
+    assert r["mean_diff"] == pytest.approx(-0.05, abs=0.002)
+    assert r["ci_low"] <= r["ci95_low"] < r["ci95_high"] <= r["ci_high"] < 0  # Holm widens
+    assert r["ci_level"] == pytest.approx(1 - 0.05 / 2) and r["verdict"] == "holds"
+    assert r["p_holm"] == pytest.approx(min(1, 2 * r["p"]))
+
+
+def test_compare_arms_dense_joins_every_sparsity_and_reports_opposite():
+    out = compare_arms(runs_table(), "excess_loss", "mode", {"rigl": "static", "static": "dense"},
+                       group_on=("sparsity", "steps"), n_resamples=2000)
+    assert len(out) == 4 and set(out["arm"]) == {"rigl", "static"}  # dense is never an arm
+    rigl = out[out["arm"] == "rigl"]
+    assert (rigl["mean_diff"].round(3) == 0.02).all() and (rigl["verdict"] == "opposite").all()
+    static = out[out["arm"] == "static"].set_index("sparsity")["mean_diff"]
+    assert static[0.5] == pytest.approx(-0.8) and static[0.8] == pytest.approx(-0.5)
+
+
+def test_compare_arms_bad_input():
+    df = runs_table()
+    with pytest.raises(ValueError, match="missing from the runs table"):
+        compare_arms(df, "val_loss", "mode", {"rigl": "static"}, group_on=("sparsity", "steps"))
+    with pytest.raises(ValueError, match="several runs"):
+        compare_arms(pd.concat([df, df]), "excess_loss", "mode", {"rigl": "static"},
+                     group_on=("sparsity", "steps"))
+
+
+def test_no_effect_states_width():
+    assert verdict(-0.01, 0.03) == "no effect detected (interval width 0.04)"
+    assert verdict(0.01, 0.03, lower_is_better=False) == "holds"
+
+
+def test_seed_spread():
+    df = pd.DataFrame({"mode": ["a"] * 3 + ["b"] * 2, "x": [1.0, 2.0, 4.0, 5.0, 5.0]})
+    out = seed_spread(df, "x", ["mode"]).set_index("mode")
+    assert out.loc["a", "std"] == pytest.approx(np.std([1, 2, 4], ddof=1))
+    assert out.loc["a", "range"] == 3.0 and out.loc["b", "range"] == 0.0
+    assert list(out["n"]) == [3, 2]
+
+
+def test_loss_spikes_finds_planted_spikes():
+    rng = np.random.default_rng(3)
+    steps = np.arange(2000)
+    curve = 2.4 + 1.5 * np.exp(-steps / 300) + rng.normal(0, 0.02, len(steps))
+    planted = [120, 500, 501, 1333, 1999]
+    curve[planted] += 0.3  # 15x the noise
+    curve[60] += 0.05      # 2.5x the noise: not far
+    assert list(spike_steps(curve)) == planted
+    assert loss_spikes(curve) == 5
+    curve[700] = math.nan  # a diverged step counts, and does not poison the windows after it
+    assert list(spike_steps(curve)) == sorted([*planted, 700])
+    flat = np.full(300, 2.0)
+    assert loss_spikes(flat) == 0 and loss_spikes(flat[:40]) == 0
+    flat[200] = 2.1
+    assert list(spike_steps(flat)) == [200]
+
+
+def test_val_range_last20():
+    steps = [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]
+    vals = [3.0, 2.9, 2.8, 2.7, 2.6, 2.5, 2.49, 2.47, 2.52, 2.46]
+    assert val_range_last20(steps, vals) == pytest.approx(2.52 - 2.46)  # steps 800, 900, 1000
+    assert val_range_last20(steps, vals, tail=0.5) == pytest.approx(2.6 - 2.46)
+    assert math.isnan(val_range_last20([100, 1000], [3.0, 2.5]))  # one point in the window
