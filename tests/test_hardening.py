@@ -309,3 +309,33 @@ def test_nan_loss_fails_run_and_keeps_last_good_checkpoint(pipeline, tmp_path):
     state = load_state(repo / "data/checkpoints/last.safetensors")
     assert state["run_id"] == run_id and state["trainer"]["step"] == 20
     assert all(bool(torch.isfinite(t).all()) for t in state["trainer"]["model"].values())
+
+
+# ------------------------------------------------------------------ checkpoint fingerprint
+def test_fingerprint_follows_values_not_the_bytes_of_params_yaml(tmp_path, monkeypatch):
+    """Editing a comment or the key order keeps a checkpoint resumable; an edited value that
+    train reads, or other prepared data, discards it. (It used to hash params.yaml's bytes.)"""
+    from lfmodel.checkpoint import Checkpointer, fingerprint, save_state
+    from lfmodel.config import load_params
+
+    monkeypatch.chdir(tmp_path)
+    text = "# my run\ntrain:\n  steps: 40  # short\n  lr: 0.01\nseed: 3\n"
+    variants = {
+        "same": text,
+        "comment": text.replace("# short", "# shorter, as agreed"),
+        "order": "seed: 3\ntrain:\n  lr: 0.01\n  steps: 40\n",
+        "value": text.replace("lr: 0.01", "lr: 0.02"),
+        "data params only": text + "data:\n  n_train: 999\n",  # enter through the data hash
+    }
+    fps = {}
+    for name, body in variants.items():
+        Path("params.yaml").write_text(body)
+        fps[name] = fingerprint(load_params("params.yaml"), "datahash")
+    assert fps["comment"] == fps["same"] == fps["order"] == fps["data params only"]
+    assert fps["value"] != fps["same"]
+    assert fingerprint(load_params("params.yaml"), "otherdata") != fps["data params only"]
+
+    save_state(tmp_path / "ckpt/last.safetensors", {"fingerprint": fps["same"], "run_id": "r",
+                                                    "trainer": {"step": 20}})
+    assert Checkpointer(tmp_path / "ckpt", 10, fps["comment"]).load()["trainer"]["step"] == 20
+    assert Checkpointer(tmp_path / "ckpt", 10, fps["value"]).load() is None
