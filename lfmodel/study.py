@@ -2,8 +2,9 @@
 
     python -m lfmodel.study            # or: make study
 
-queues the grid {surge.mode} x {lambda_entropy} x {seed} through `dvc exp run --queue`, runs it
-(`dvc exp run --run-all -j JOBS`), then builds reports/study/ from MLflow's `search_runs`:
+runs the grid {surge.mode} x {lambda_entropy} x {seed} as a local `lfmodel sweep` (sweep id = study
+id: `dvc exp run --queue`, then `--run-all -j JOBS`, one MLflow parent run), then builds
+reports/study/ from MLflow's `search_runs`:
 table.md / table.csv (mean +- std over seeds), runs.csv (every run id behind every number),
 figures, and verdict.md (one verdict per seed claim, written from the numbers).
 `--report-only --study-id ID` rebuilds the report from runs already in the store;
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from lfmodel.config import SURGE_MODES, load_params
+from lfmodel.sweep import Grid, SweepError, parse_axis, run_complete, run_local
 from lfmodel.tracking import get_client
 
 OUT = Path("reports/study")
@@ -44,30 +45,8 @@ STUDY_OVERRIDES = {"train.steps": 400, "train.batch_size": 16, "train.threads": 
 
 
 def exp_name(study_id: str, mode: str, lam: float, seed: int) -> str:
-    lam_s = f"m{abs(lam):g}" if lam < 0 else f"{lam:g}"
-    return f"{study_id}-{mode}-l{lam_s}-s{seed}"
-
-
-def queue_grid(study_id: str, modes: list[str], lambdas: list[float], seeds: list[int],
-               overrides: dict, skip: set[str] = frozenset()) -> list[str]:
-    """Queue seed-major (all modes x lambdas of seed 0 first), so a study cut short still
-    has every arm; names in `skip` (already FINISHED in MLflow) are not queued again."""
-    names = []
-    for seed, mode, lam in itertools.product(seeds, modes, lambdas):
-        name = exp_name(study_id, mode, lam, seed)
-        if name in skip:
-            continue
-        sets = [f"surge.mode={mode}", f"lambda_entropy={lam}", f"seed={seed}",
-                *(f"{k}={v}" for k, v in overrides.items())]
-        cmd = ["dvc", "exp", "run", "--queue", "-n", name]
-        for s in sets:
-            cmd += ["-S", s]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"study: queueing {name} failed: {proc.stderr.strip() or proc.stdout}"
-                             " (a name taken by an earlier, unfinished study? use a new --study-id)")
-        names.append(name)
-    return names
+    """`<id>-<mode>-l<lambda>-s<seed>`: the sweep's naming on the study's grid."""
+    return Grid({}).name(study_id, {"surge.mode": mode, "lambda_entropy": lam, "seed": seed})
 
 
 def collect(study_id: str, experiment: str) -> pd.DataFrame:
@@ -77,8 +56,7 @@ def collect(study_id: str, experiment: str) -> pd.DataFrame:
                               max_results=5000)
     rows = []
     for r in runs:
-        # train marks the run FINISHED before trace/evaluate reopen it: complete = evaluate done
-        complete = r.info.status == "FINISHED" and r.data.tags.get("dvc.stage.evaluate") == "done"
+        complete = run_complete(r)
         row = {"run_id": r.info.run_id,
                "status": "FINISHED" if complete else f"INCOMPLETE ({r.info.status})",
                "exp_name": r.data.tags.get("dvc.exp_name"),
@@ -270,23 +248,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"study: report -> {build_report(study_id, params['tracking']['experiment'])}")
         return
     overrides = {**STUDY_OVERRIDES, "train.steps": args.steps}
-    overrides.update(dict(s.split("=", 1) for s in args.set))
+    overrides.update(parse_axis(s) for s in args.set)
+    overrides = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in overrides.items()}
+    grid = Grid({"surge.mode": args.modes, "lambda_entropy": args.lambdas, "seed": args.seeds},
+                overrides)
     t0 = time.time()
-    done: set[str] = set()
-    if args.study_id:  # resuming a study: keep its finished runs
-        runs = collect(study_id, params["tracking"]["experiment"])
-        if not runs.empty:
-            done = set(runs.loc[runs["status"] == "FINISHED", "exp_name"])
-    names = queue_grid(study_id, args.modes, args.lambdas, args.seeds, overrides, done)
-    print(f"study {study_id}: queued {len(names)} experiments; running with -j {args.jobs} ...",
-          flush=True)
-    proc = subprocess.run(["dvc", "exp", "run", "--run-all", "-j", str(args.jobs)])
+    try:  # a resumed study (same --study-id) queues only the points without a complete run
+        missing = run_local(study_id, grid, args.jobs, params["tracking"]["experiment"])
+    except SweepError as err:
+        print(f"study: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     seconds = time.time() - t0
-    print(f"study {study_id}: grid finished in {seconds / 60:.1f} min (dvc exit {proc.returncode})")
+    print(f"study {study_id}: grid finished in {seconds / 60:.1f} min")
     out = build_report(study_id, params["tracking"]["experiment"], seconds)
     print(f"study: report -> {out}/table.md, verdict.md, runs.csv")
-    if proc.returncode != 0:
-        sys.exit(proc.returncode)
+    if missing:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,484 @@
+"""`lfmodel sweep`: a grid of DVC experiments on this machine's DVC queue or on a Ray cluster.
+
+    lfmodel sweep -S 'lambda_entropy=0,0.01,0.05' -S surge.mode=static,rigl --seeds 0-4 \
+        --name s1 [--set train.steps=400] [--backend local -j 2 | --backend ray --address ADDR]
+
+`-S` axes are crossed (cartesian, like `dvc exp run -S`); `--seeds` adds the `seed` axis;
+`--set` values apply to every point without naming it. Experiment names are deterministic:
+`<sweep id>-<mode>-l<lambda>-<other axes>-s<seed>` (the study's scheme on the study's grid).
+
+The records are DVC experiments and MLflow runs: one parent run per sweep (grid, sweep id,
+commit, backend; a summary table at the end); every experiment's run carries
+`mlflow.parentRunId`, `lfmodel.sweep_id` and, on Ray, `lfmodel.node_id`. A sweep id reused with
+the same grid resumes (points with a complete run are skipped); with another grid it is refused.
+
+Backends:
+  local  `dvc exp run --queue` per point, then `dvc exp run --run-all -j N` (SQLite store is fine).
+  ray    one Ray task per point in a fresh clone of `origin`: `dvc exp run --pull -n NAME`, then
+         `dvc exp push origin NAME`; a retried task that finds its ref on origin returns it. The
+         driver then `dvc exp pull`s every experiment. Needs an MLflow server (lfmodel server).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lfmodel.config import ParamsError, load_params, validate
+from lfmodel.tracking import get_client, tracking_uri
+
+PARENT_ROLE = ("lfmodel.sweep.role", "parent")
+POLL_SECONDS = 10.0
+
+
+class SweepError(RuntimeError):
+    """Bad input or a precondition that fails: one line, exit 2, nothing queued."""
+
+
+# ---------------------------------------------------------------------------- the grid
+
+def parse_axis(spec: str) -> tuple[str, list[Any]]:
+    """'k=a,b,c' -> ('k', [a, b, c]) with YAML scalars (0.01 -> float, rigl -> str)."""
+    key, sep, values = spec.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SweepError(f"-S {spec!r}: expected KEY=V1,V2,...")
+    vals = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+    if not vals:
+        raise SweepError(f"-S {spec!r}: empty grid (no values for {key})")
+    return key, vals
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """'0-4' -> [0..4]; '0,2,5' -> [0, 2, 5]."""
+    try:
+        if re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", spec):
+            lo, hi = (int(x) for x in spec.split("-"))
+            seeds = list(range(lo, hi + 1))
+        else:
+            seeds = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise SweepError(f"--seeds {spec!r}: expected a range A-B or a list A,B,C") from None
+    if not seeds:
+        raise SweepError(f"--seeds {spec!r}: empty grid (no seeds)")
+    return seeds
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return re.sub(r"[^A-Za-z0-9_.]", "_", str(value))
+    return f"m{abs(value):g}" if value < 0 else f"{value:g}"
+
+
+def _name_part(key: str, value: Any) -> str:
+    prefix = {"surge.mode": "", "lambda_entropy": "l", "seed": "s"}.get(key)
+    if prefix is None:
+        prefix = key.rsplit(".", 1)[-1].replace("_", "")
+    return prefix + _fmt(value)
+
+
+def _order(key: str) -> int:
+    """Name order: surge.mode, lambda_entropy, other axes, seed last (the study's names)."""
+    return {"surge.mode": 0, "lambda_entropy": 1, "seed": 3}.get(key, 2)
+
+
+@dataclass
+class Grid:
+    axes: dict[str, list[Any]]
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    def points(self) -> list[dict[str, Any]]:
+        """Seed-major (every arm of seed 0 first), so a sweep cut short still has every arm."""
+        keys = sorted(self.axes, key=lambda k: 0 if k == "seed" else 1)
+        return [dict(zip(keys, combo, strict=True))
+                for combo in itertools.product(*(self.axes[k] for k in keys))]
+
+    def name(self, sweep_id: str, point: dict[str, Any]) -> str:
+        keys = sorted(point, key=_order)
+        return "-".join([sweep_id, *(_name_part(k, point[k]) for k in keys)])
+
+    def sets(self, point: dict[str, Any]) -> list[str]:
+        """The `-S key=value` list for one point (fixed values first, then the point)."""
+        return [f"{k}={_yaml(v)}" for k, v in {**self.fixed, **point}.items()]
+
+    def identity(self) -> str:
+        return json.dumps({"axes": self.axes, "fixed": self.fixed}, sort_keys=True)
+
+
+def _yaml(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def check_grid(grid: Grid, sweep_id: str, params_path: Path = Path("params.yaml")) -> dict[str, dict]:
+    """Validate every point against the params schema; {name: point}. Raises SweepError."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", sweep_id):
+        raise SweepError(f"--name {sweep_id!r}: use letters, digits, '_' and '.' (a git ref part)")
+    if not grid.axes or any(not v for v in grid.axes.values()):
+        raise SweepError("empty grid: give at least one -S KEY=V1,V2 or --seeds")
+    raw = yaml.safe_load(params_path.read_text()) if params_path.is_file() else {}
+    names: dict[str, dict] = {}
+    for point in grid.points():
+        trial = json.loads(json.dumps(raw or {}))
+        for k, v in {**grid.fixed, **point}.items():
+            _set_dotted(trial, k, v)
+        try:
+            validate(trial, base_dir=params_path.parent)
+        except ParamsError as err:
+            raise SweepError(f"{err}") from None
+        name = grid.name(sweep_id, point)
+        if name in names:
+            raise SweepError(f"two grid points get the same experiment name {name!r}; "
+                             "repeated values?")
+        names[name] = point
+    return names
+
+
+# ---------------------------------------------------------------------------- MLflow records
+
+def run_complete(run: Any) -> bool:
+    """train marks a run FINISHED before trace/evaluate reopen it: complete = evaluate done."""
+    return run.info.status == "FINISHED" and run.data.tags.get("dvc.stage.evaluate") == "done"
+
+
+def child_runs(client: Any, exp_id: str, names: set[str]) -> dict[str, list[Any]]:
+    """Runs of these experiment names (by the dvc.exp_name tag), newest first."""
+    prefixes = {n.split("-", 1)[0] for n in names}
+    out: dict[str, list[Any]] = {}
+    for prefix in prefixes:
+        runs = client.search_runs([exp_id], filter_string=f"tags.`dvc.exp_name` LIKE '{prefix}-%'",
+                                  max_results=50000, order_by=["attributes.start_time DESC"])
+        for r in runs:
+            name = r.data.tags.get("dvc.exp_name")
+            if name in names:
+                out.setdefault(name, []).append(r)
+    return out
+
+
+def existing_parent(client: Any, exp_id: str, sweep_id: str, grid: Grid) -> str | None:
+    """The parent run of an earlier start of this sweep id; SweepError if its grid differs."""
+    runs = client.search_runs(
+        [exp_id], max_results=10,
+        filter_string=f"tags.`lfmodel.sweep_id` = '{sweep_id}' and "
+                      f"tags.`{PARENT_ROLE[0]}` = '{PARENT_ROLE[1]}'")
+    if runs:
+        old = runs[0].data.tags.get("lfmodel.sweep.grid")
+        if old != grid.identity():
+            raise SweepError(f"sweep id {sweep_id!r} was already used with another grid ({old}); "
+                             "use a new --name")
+        return runs[0].info.run_id
+    return None
+
+
+def parent_run(client: Any, exp_id: str, sweep_id: str, grid: Grid, backend: str) -> str:
+    """The sweep's parent run id: reopened (same grid) or created. Raises SweepError."""
+    rid = existing_parent(client, exp_id, sweep_id, grid)
+    if rid:
+        client.update_run(rid, status="RUNNING")
+        return rid
+    commit = _git("rev-parse", "HEAD")
+    run = client.create_run(exp_id, run_name=sweep_id, tags={
+        "lfmodel.sweep_id": sweep_id, PARENT_ROLE[0]: PARENT_ROLE[1],
+        "lfmodel.sweep.grid": grid.identity(), "lfmodel.sweep.backend": backend,
+        "git.commit": commit, "mlflow.note.content": f"lfmodel sweep {sweep_id} ({backend})"})
+    rid = run.info.run_id
+    for k, v in grid.axes.items():
+        client.log_param(rid, f"grid.{k}", ",".join(_yaml(x) for x in v)[:6000])
+    for k, v in grid.fixed.items():
+        client.log_param(rid, f"set.{k}", _yaml(v))
+    client.log_param(rid, "grid.size", len(grid.points()))
+    return rid
+
+
+def summarize(client: Any, exp_id: str, parent_id: str, sweep_id: str,
+              names: dict[str, dict], extra: dict[str, dict] | None = None) -> list[str]:
+    """Tag children under the parent (if a stage missed the env), log the summary table on the
+    parent, set its status; return the names without a complete run."""
+    runs = child_runs(client, exp_id, set(names))
+    rows, missing = [], []
+    for name, point in names.items():
+        done = [r for r in runs.get(name, []) if run_complete(r)]
+        for r in runs.get(name, []):
+            if r.info.status == "RUNNING" and done:  # an attempt killed with its node
+                client.set_terminated(r.info.run_id, status="KILLED")
+        if not done:
+            missing.append(name)
+            rows.append({"exp_name": name, **point, "status": "MISSING"})
+            continue
+        r = done[0]
+        if r.data.tags.get("mlflow.parentRunId") != parent_id:
+            client.set_tag(r.info.run_id, "mlflow.parentRunId", parent_id)
+            client.set_tag(r.info.run_id, "lfmodel.sweep_id", sweep_id)
+        rows.append({"exp_name": name, **point, "status": "FINISHED", "run_id": r.info.run_id,
+                     "node_id": r.data.tags.get("lfmodel.node_id", ""),
+                     **{m: r.data.metrics.get(m, math.nan) for m in ("test_loss", "excess_loss",
+                                                                      "sparsity")},
+                     **(extra or {}).get(name, {})})
+    with tempfile.TemporaryDirectory() as tmp:
+        import pandas as pd
+
+        table = pd.DataFrame(rows)
+        table.to_csv(Path(tmp) / "summary.csv", index=False)
+        (Path(tmp) / "summary.md").write_text(table.to_markdown(index=False)
+                                              if _has_tabulate() else table.to_string(index=False))
+        client.log_artifact(parent_id, str(Path(tmp) / "summary.csv"))
+        client.log_artifact(parent_id, str(Path(tmp) / "summary.md"))
+    client.log_metric(parent_id, "sweep.finished", len(names) - len(missing))
+    client.log_metric(parent_id, "sweep.missing", len(missing))
+    client.set_terminated(parent_id, status="FINISHED" if not missing else "FAILED")
+    return missing
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _git(*args: str, cwd: str | Path | None = None) -> str:
+    proc = subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def _bin_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This interpreter's bin first on PATH (dvc runs `python -m stages.X`)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.update(extra or {})
+    return env
+
+
+class Progress:
+    """done / total, failures, ETA from the rate so far; one line every call."""
+
+    def __init__(self, sweep_id: str, total: int, already: int) -> None:
+        self.sweep_id, self.total, self.already = sweep_id, total, already
+        self.t0 = time.time()
+        self.last = ""
+
+    def show(self, done: int, failed: int) -> None:
+        new = done - self.already
+        elapsed = time.time() - self.t0
+        left = self.total - done - failed
+        eta = (f"ETA {elapsed / new * left / 60:.1f} min" if new > 0 and left > 0
+               else "ETA n/a" if left > 0 else "done")
+        line = (f"sweep {self.sweep_id}: {done}/{self.total} done, {failed} failed, "
+                f"{elapsed / 60:.1f} min, {eta}")
+        if line.split(", ")[:2] != self.last.split(", ")[:2] or not self.last:
+            print(line, flush=True)
+        self.last = line
+
+
+def _tally(client: Any, exp_id: str, names: set[str], since: float) -> tuple[int, int]:
+    runs = child_runs(client, exp_id, names)
+    done = sum(any(run_complete(r) for r in rs) for rs in runs.values())
+    failed = sum(1 for rs in runs.values() if not any(run_complete(r) for r in rs)
+                 and rs[0].info.status in ("FAILED", "KILLED")
+                 and rs[0].info.start_time / 1000 >= since)
+    return done, failed
+
+
+# ---------------------------------------------------------------------------- local backend
+
+def run_local(sweep_id: str, grid: Grid, jobs: int = 2, experiment: str | None = None) -> list[str]:
+    """Queue the points without a complete run, run them with -j jobs; names still missing."""
+    names = check_grid(grid, sweep_id)
+    experiment = experiment or load_params()["tracking"]["experiment"]
+    client, exp_id = get_client(experiment)
+    parent = parent_run(client, exp_id, sweep_id, grid, "local")
+    done = {n for n, rs in child_runs(client, exp_id, set(names)).items()
+            if any(run_complete(r) for r in rs)}
+    todo = [n for n in names if n not in done]
+    env = _bin_env({"LFMODEL_SWEEP_ID": sweep_id, "LFMODEL_PARENT_RUN_ID": parent})
+    for name in todo:
+        cmd = ["dvc", "exp", "run", "--queue", "-n", name]
+        for s in grid.sets(names[name]):
+            cmd += ["-S", s]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"sweep: queueing {name} failed: "
+                             f"{(proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:]}"
+                             " (a name taken by an earlier, unfinished sweep? use a new --name)")
+    print(f"sweep {sweep_id}: {len(names)} grid points, {len(done)} already complete, queued "
+          f"{len(todo)}; running with -j {jobs} (MLflow parent run {parent} in {tracking_uri()})",
+          flush=True)
+    progress = Progress(sweep_id, len(names), len(done))
+    t0 = time.time()
+    if todo:
+        proc = subprocess.Popen(["dvc", "exp", "run", "--run-all", "-j", str(jobs)], env=env)
+        while proc.poll() is None:
+            try:
+                proc.wait(POLL_SECONDS)
+            except subprocess.TimeoutExpired:
+                pass
+            progress.show(*_tally(client, exp_id, set(names), t0))
+    progress.show(*_tally(client, exp_id, set(names), t0))
+    missing = summarize(client, exp_id, parent, sweep_id, names)
+    _report_missing(sweep_id, names, missing)
+    return missing
+
+
+def _report_missing(sweep_id: str, names: dict, missing: list[str]) -> None:
+    if missing:
+        print(f"sweep {sweep_id}: results != grid: {len(missing)} of {len(names)} missing: "
+              f"{', '.join(missing)}", file=sys.stderr)
+    else:
+        print(f"sweep {sweep_id}: results == grid ({len(names)} experiments; `dvc exp show`)")
+
+
+# ---------------------------------------------------------------------------- ray backend
+
+def _ray_preflight(address: str | None) -> str:
+    if not tracking_uri().startswith(("http://", "https://")):
+        raise SweepError("--backend ray needs an MLflow tracking server, not the SQLite file: "
+                         "start one with `lfmodel server --data DIR` and export the "
+                         "MLFLOW_TRACKING_URI it prints")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SweepError("--backend ray needs --address HEAD:6379 (or RAY_ADDRESS)")
+    if _git("status", "--porcelain", "--untracked-files=normal"):
+        raise SweepError("the work tree is dirty: commit (or remove) your changes first; "
+                         "workers run the pushed commit")
+    if not _git("remote", "get-url", "origin"):
+        raise SweepError("no git remote 'origin': workers clone the commit from it "
+                         "(git remote add origin URL)")
+    proc = subprocess.run(["dvc", "remote", "default"], capture_output=True, text=True,
+                          env=_bin_env())
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise SweepError("no default DVC remote: workers pull data from it "
+                         "(dvc remote add -d NAME URL, committed)")
+    host, _, port = address.replace("ray://", "").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError):
+        raise SweepError(f"Ray cluster at {address} is not reachable: start a head "
+                         "(ray start --head) or fix --address") from None
+    return address
+
+
+def run_point(origin: str, commit: str, name: str, sets: list[str], env: dict[str, str]) -> dict:
+    """One grid point on a worker: reuse the experiment on origin, else clone, run, push."""
+    import ray
+
+    t0 = time.time()
+    os.environ.update(env)
+    node = ray.get_runtime_context().get_node_id()
+    refs = subprocess.run(["git", "ls-remote", origin, "refs/exps/*"], capture_output=True,
+                          text=True, check=True).stdout.split()
+    if any(r.endswith("/" + name) for r in refs):
+        return {"name": name, "node_id": node, "seconds": time.time() - t0, "reused": True}
+    full = _bin_env({**env, "LFMODEL_NODE_ID": node})
+    full.pop("DVC_ROOT", None)
+    # an earlier attempt of this point died with its node: its run must not stay RUNNING
+    client, exp_id = get_client(env["LFMODEL_EXPERIMENT"])
+    for runs in child_runs(client, exp_id, {name}).values():
+        for r in runs:
+            if r.info.status == "RUNNING":
+                client.set_terminated(r.info.run_id, status="KILLED")
+    work = Path(tempfile.mkdtemp(prefix=f"lfmodel-{name}-"))
+    try:
+        def sh(*cmd: str) -> str:
+            proc = subprocess.run(cmd, cwd=work, env=full, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{name}: {' '.join(cmd[:4])} failed: "
+                                   f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+            return proc.stdout
+
+        sh("git", "clone", "-q", "--no-checkout", origin, ".")
+        sh("git", "checkout", "-q", commit)
+        cmd = ["dvc", "exp", "run", "--pull", "-n", name]
+        for s in sets:
+            cmd += ["-S", s]
+        sh(*cmd)
+        sh("dvc", "exp", "push", "origin", name)
+        run_id = json.loads((work / "reports/train/run.json").read_text())["run_id"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"name": name, "node_id": node, "run_id": run_id, "seconds": time.time() - t0,
+            "reused": False}
+
+
+def run_ray(sweep_id: str, grid: Grid, address: str | None, experiment: str | None = None,
+            max_retries: int = 3) -> list[str]:
+    """Push, one Ray task per point, pull the experiments back; names still missing."""
+    names = check_grid(grid, sweep_id)
+    address = _ray_preflight(address)
+    params = load_params()
+    experiment = experiment or params["tracking"]["experiment"]
+    client, exp_id = get_client(experiment)
+    existing_parent(client, exp_id, sweep_id, grid)  # refuse a reused id before pushing
+    origin = _git("remote", "get-url", "origin")
+    commit = _git("rev-parse", "HEAD")
+    branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+    ref = f"HEAD:refs/heads/{branch}" if branch and branch != "HEAD" else \
+        f"HEAD:refs/heads/lfmodel-sweep-{sweep_id}"
+    for cmd in (["git", "push", "-q", "origin", ref], ["dvc", "push", "-q"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_bin_env())
+        if proc.returncode != 0:
+            raise SweepError(f"{' '.join(cmd[:2])} failed: "
+                             f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    parent = parent_run(client, exp_id, sweep_id, grid, "ray")
+    done = {n for n, rs in child_runs(client, exp_id, set(names)).items()
+            if any(run_complete(r) for r in rs)}
+    todo = [n for n in names if n not in done]
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(), "LFMODEL_SWEEP_ID": sweep_id,
+           "LFMODEL_PARENT_RUN_ID": parent, "LFMODEL_EXPERIMENT": experiment}
+    task = ray.remote(run_point).options(num_cpus=params["train"]["threads"] or 1,
+                                         max_retries=max_retries, retry_exceptions=False)
+    pending = {task.remote(origin, commit, n, grid.sets(names[n]), env): n for n in todo}
+    print(f"sweep {sweep_id}: {len(names)} grid points, {len(done)} already complete, submitted "
+          f"{len(todo)} Ray tasks to {address} (MLflow parent run {parent})", flush=True)
+    progress = Progress(sweep_id, len(names), len(done))
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+        for fut in ready:
+            name = pending.pop(fut)
+            try:
+                results[name] = ray.get(fut)
+            except Exception as err:  # the task's own error, after Ray's retries
+                failed[name] = str(err).strip().splitlines()[-1][:300]
+                print(f"sweep {sweep_id}: {name} failed: {failed[name]}", file=sys.stderr)
+        progress.show(len(done) + len(results), len(failed))
+    ray.shutdown()
+    pulled = [n for n in names if n in results or n in done]
+    if pulled:
+        proc = subprocess.run(["dvc", "exp", "pull", "origin", *pulled], capture_output=True,
+                              text=True, env=_bin_env())
+        if proc.returncode != 0:
+            print(f"sweep {sweep_id}: dvc exp pull failed: {proc.stderr.strip()[-500:]}",
+                  file=sys.stderr)
+    extra = {n: {"seconds": round(r["seconds"], 1)} for n, r in results.items()}
+    missing = summarize(client, exp_id, parent, sweep_id, names, extra)
+    _report_missing(sweep_id, names, missing)
+    return missing
