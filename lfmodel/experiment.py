@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from lfmodel.artifacts import save_model
-from lfmodel.checkpoint import Checkpointer
+from lfmodel.checkpoint import Checkpointer, fingerprint
 from lfmodel.curves import CurvesHook
 from lfmodel.data import load_meta, load_split
 from lfmodel.faults import fault_hooks
@@ -47,7 +47,7 @@ def train(params: dict) -> Trainer:
     cfg = TrainConfig.from_params(params)
     schedule = build_schedule(params["surge"], cfg.steps, params["seed"])
     ckpt = Checkpointer(CKPT, params["train"]["checkpoint_every"],
-                        fingerprint=file_hash("params.yaml", DATA), mirror=REPORTS / "sparsity")
+                        fingerprint=fingerprint(params, file_hash(DATA)), mirror=REPORTS / "sparsity")
     resume = ckpt.load()
     curves = CurvesHook()
     REPORTS.mkdir(parents=True, exist_ok=True)

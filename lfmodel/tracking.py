@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,29 @@ def repo_root() -> Path:
 
 
 def tracking_uri() -> str:
+    """The store every entry point uses: MLFLOW_TRACKING_URI, else SQLite in the repo root."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def store() -> tuple[str, Path | None]:
+    """(tracking URI, artifact root): the root is `<repo root>/mlartifacts` for the default
+    SQLite store, None where the URI decides (a server, or a store named by the user)."""
+    uri = tracking_uri()
+    return uri, (repo_root() / "mlartifacts" if _is_default_store(uri) else None)
+
+
+def ui_command(host: str, port: int) -> list[str]:
+    """`mlflow ui` over the store the stages log to (`lfmodel ui`, `make ui`).
+
+    A server URI has its own UI: raises ValueError naming it.
+    """
+    uri, artifacts = store()
+    if uri.startswith(("http://", "https://")):
+        raise ValueError(f"MLFLOW_TRACKING_URI is a server ({uri}): open it in a browser")
+    exe = Path(sys.executable).with_name("mlflow")
+    cmd = [str(exe) if exe.exists() else "mlflow", "ui", "--host", host, "--port", str(port),
+           "--workers", "1", "--backend-store-uri", uri]
+    return cmd + (["--default-artifact-root", str(artifacts)] if artifacts else [])
 
 
 def _is_default_store(uri: str) -> bool:
@@ -119,7 +142,8 @@ def get_client(experiment: str) -> tuple[Any, str]:
         client = MlflowClient(tracking_uri=uri)
         exp = retry(lambda: client.get_experiment_by_name(experiment))
         if exp is None:
-            location = (root / "mlartifacts").as_uri() if _is_default_store(uri) else None
+            artifacts = store()[1]
+            location = artifacts.as_uri() if artifacts else None
             exp_id = retry(lambda: client.create_experiment(
                 experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND_TAG])))
         else:
@@ -142,34 +166,58 @@ def file_hash(*paths: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
 def run_tags(params_path: str = "params.yaml", data_dir: str = "data/prepared") -> dict[str, str]:
-    import dvc
-    import mlflow
-    import torch
+    """Tags of a new run: MLflow's own source tags (as `mlflow.start_run` resolves them:
+    mlflow.source.name / .type / .git.commit, mlflow.user), DVC's experiment, hashes, versions.
+    """
+    from mlflow.tracking.context.registry import resolve_tags
 
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
+    commit = _git("rev-parse", "HEAD")
     tags = {
         "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
-        "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "") or git("rev-parse", "HEAD"),
-        "git.commit": git("rev-parse", "HEAD"),
+        "dvc.baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV", "") or commit,
+        "git.commit": commit,
         "params_hash": file_hash(params_path),
         "data_hash": file_hash(data_dir),
-        "version.torch": torch.__version__, "version.mlflow": mlflow.__version__,
-        "version.dvc": dvc.__version__,
+        **{f"version.{lib}": metadata.version(lib) for lib in ("torch", "mlflow", "dvc")},
     }
-    # --- lfmodel sweep hook (H3, issue 11): `lfmodel sweep` passes these to the stages so the
-    # run nests under the sweep's parent run in the UI and names its sweep and Ray node.
-    tags.update({"mlflow.parentRunId": os.environ.get("LFMODEL_PARENT_RUN_ID", ""),
-                 "lfmodel.sweep_id": os.environ.get("LFMODEL_SWEEP_ID", ""),
-                 "lfmodel.node_id": os.environ.get("LFMODEL_NODE_ID", "")})
-    # --- end sweep hook
-    return {k: v for k, v in tags.items() if v}
+    return resolve_tags({k: v for k, v in tags.items() if v})
+
+
+def run_name(tags: dict[str, str]) -> str:
+    """The experiment's name under DVC, else `repro-<commit7>-<params hash 6>` (a plain
+    `dvc repro` or a stage run by hand): runs of other commits or params look different."""
+    if tags.get("dvc.exp_name"):
+        return tags["dvc.exp_name"]
+    commit = tags.get("git.commit", "")[:7]
+    return "-".join(p for p in ("repro", commit, tags["params_hash"][:6]) if p)
+
+
+def log_dataset(client: Any, run_id: str, data_dir: str | Path = "data/prepared") -> None:
+    """The prepared data as the run's dataset input (digest = the data hash), so the UI shows
+    it and can filter runs by it."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    data_dir = Path(data_dir)
+    meta_file = data_dir / "meta.json"
+    if not meta_file.exists():
+        return
+    meta = json.loads(meta_file.read_text())
+    profile = {k: meta[k] for k in ("kind", "sizes", "seq_len", "vocab_size") if k in meta}
+    dataset = Dataset(name=meta.get("source", data_dir.name), digest=file_hash(data_dir),
+                      source_type="local", source=json.dumps({"uri": data_dir.as_posix()}),
+                      profile=json.dumps(profile))
+    retry(lambda: client.log_inputs(run_id, [DatasetInput(
+        dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "train")])]))
 
 
 class Tracker:
@@ -265,11 +313,11 @@ def _run_exists(client: Any, run_id: str) -> bool:
 
 def _new_run(client: Any, exp_id: str, stage: str, params: dict,
              extra_tags: dict[str, str] | None = None) -> Tracker:
-    name = os.environ.get("DVC_EXP_NAME") or "workspace"
     tags = {**run_tags(), **(extra_tags or {})}
-    run = retry(lambda: client.create_run(exp_id, run_name=name, tags=tags))
+    run = retry(lambda: client.create_run(exp_id, run_name=run_name(tags), tags=tags))
     tracker = Tracker(client, run.info.run_id, stage)
     tracker.log_params(params)
+    log_dataset(client, run.info.run_id)
     return tracker
 
 
@@ -354,9 +402,4 @@ class MLflowHook:
             self._save_masks(trainer, event["step"])
 
     def _save_masks(self, trainer: Any, step: int) -> None:
-        from safetensors.torch import save_file
-
-        snap = self.out_dir / "sparsity" / f"step_{step:06d}.safetensors"
-        snap.parent.mkdir(parents=True, exist_ok=True)
-        save_file({n: m.to(dtype=__import__("torch").uint8).contiguous()
-                   for n, m in trainer.masks.masks.items()}, str(snap))
+        trainer.masks.save(self.out_dir / "sparsity" / f"step_{step:06d}.safetensors")

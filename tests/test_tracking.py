@@ -7,11 +7,11 @@ real `mlflow server`; FAILED/KILLED runs; the run-cache decision; `make ui`.
 
 from __future__ import annotations
 
+import getpass
 import json
 import math
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, ROOT, make_repo, run
+from conftest import BIN, make_repo, run
+
+from lfmodel.tracking import file_hash
 
 EXPERIMENT = "entropy-dynamics"
 # MLflow checks read-only sessions only under pytest (PYTEST_CURRENT_TEST); stages run as users
@@ -147,7 +149,6 @@ def stop_server(proc: subprocess.Popen) -> None:
 def check_complete_run(client, run, repo: Path) -> None:
     """Metrics of all three stages, params, tags and artifacts of one pipeline run."""
     from lfmodel.config import flatten, load_params
-    from lfmodel.tracking import file_hash
 
     rid = run.info.run_id
     assert run.info.status == "FINISHED"
@@ -186,6 +187,16 @@ def check_complete_run(client, run, repo: Path) -> None:
     assert tags["git.commit"] == head
     assert tags["params_hash"] == file_hash(repo / "params.yaml")
     assert tags["data_hash"] == file_hash(repo / "data/prepared")
+    # MLflow's standard source tags, as mlflow.start_run sets them
+    assert tags["mlflow.source.git.commit"] == head
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert Path(tags["mlflow.source.name"]).as_posix().endswith("stages/train.py")
+    assert tags["mlflow.user"] == getpass.getuser()
+    # the prepared data is the run's dataset input, its digest the data hash
+    (data_input,) = run.inputs.dataset_inputs
+    assert data_input.dataset.digest == tags["data_hash"]
+    assert data_input.dataset.name == "regimes" and data_input.dataset.source_type == "local"
+    assert {(t.key, t.value) for t in data_input.tags} == {("mlflow.data.context", "train")}
     for stage in ("train", "trace", "evaluate"):
         assert tags[f"dvc.stage.{stage}"] == "done"
     assert {"version.torch", "version.mlflow", "version.dvc"} <= set(tags)
@@ -240,6 +251,8 @@ def test_repro_logs_one_complete_run(pipeline):
     assert len(runs) == 1
     check_complete_run(client, runs[0], repo)
     assert "dvc.exp_name" not in runs[0].data.tags      # plain repro: no experiment name
+    head = run_git(repo, "rev-parse", "HEAD")        # ... but a name a person can tell apart
+    assert runs[0].info.run_name == f"repro-{head[:7]}-{file_hash(repo / 'params.yaml')[:6]}"
     assert (repo / "mlartifacts" / runs[0].info.run_id / "artifacts/model/model.safetensors").is_file()
     assert not mlflow_noise(pipeline["output"]), pipeline["output"]
 
@@ -460,16 +473,26 @@ def test_remote_mlflow_server(dvc_repo, tmp_path):
         stop_server(proc)
 
 
-def test_make_ui_serves_default_store(pipeline):
+def test_ui_command_serves_the_stages_store(pipeline):
+    """tracking.ui_command (behind `lfmodel ui` and `make ui`) finds the store the stages used:
+    from the repo, and from a DVC_ROOT pointing at it; a server URI is refused by name."""
     repo = pipeline["repo"]
-    dry = run(["make", "-n", "-f", str(ROOT / "Makefile"), "ui"], repo).stdout
-    (line,) = [ln for ln in dry.splitlines() if re.search(r"mlflow ui\b", ln)]
-    args = shlex.split(line)
-    assert args[args.index("--host") + 1] == "127.0.0.1"
+    code = ("import json, sys; from lfmodel.tracking import ui_command; "
+            "print(json.dumps(ui_command('127.0.0.1', 5000)))")
+    args = json.loads(run(["python", "-c", code], repo).stdout)
+    elsewhere = repo.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    from_dvc = json.loads(run(["python", "-c", code], elsewhere,
+                              env={"DVC_ROOT": str(repo), "PYTHONPATH": str(repo)}).stdout)
+    assert from_dvc == args
+    assert args[1] == "ui" and args[args.index("--host") + 1] == "127.0.0.1"
     assert args[args.index("--backend-store-uri") + 1] == store_uri(repo)
+    assert args[args.index("--default-artifact-root") + 1] == str(repo / "mlartifacts")
+    refused = run(["python", "-c", code], repo, check=False,
+                  env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:5999"})
+    assert refused.returncode != 0 and "http://127.0.0.1:5999" in refused.stderr
     port = free_port()
     args[args.index("--port") + 1] = str(port)
-    args[0] = str(BIN / "mlflow")       # the Makefile's relative .venv/bin/mlflow
     log = repo.parent / "ui.log"
     proc = start_server(args, repo, log)
     try:
