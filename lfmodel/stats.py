@@ -11,7 +11,9 @@ sizes the plain percentile interval of the mean is too narrow. Measured on N(0, 
 seeds and 0.88 at 8; the studentized one (bootstrap-t, Efron & Tibshirani ch. 12; 2,000 repeats
 x 4,000 resamples) covered 0.942 and 0.948, and 0.994 / 0.993 at the 99.5 % level a Holm step
 asks for. It pays in width: 1.28x the t-interval's at 5 seeds, 1.07x at 8.
-`method="percentile"` keeps the plain one for comparison.
+`method="percentile"` keeps the plain one for comparison. Five seeds buy little: a strong
+effect (per-seed mean / sd = 4.3) got a median p of 0.0027 and up to 0.16 over 50 draws, so
+after Holm over ~10 comparisons a claim needs more seeds (8: median 0.0002, max 0.03).
 """
 
 from __future__ import annotations
