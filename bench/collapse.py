@@ -71,7 +71,7 @@ def main() -> None:
 
         k = n // 2
         row: dict = {"elements": n}
-        row["collapse_s"] = timed(lambda masks=masks: masks.collapse(0.5), reset, repeats)
+        row["collapse_s"] = timed(lambda masks=masks: masks.collapse(0.5, "layer"), reset, repeats)
         assert abs(masks.sparsity() - 0.5) < 1e-6
         row["lowest_k_s"] = timed(lambda p=p, k=k: lowest_k(p.detach().abs(), k), reset, repeats)
         try:

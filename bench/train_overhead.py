@@ -90,7 +90,7 @@ def main() -> None:
     steps = int(os.environ.get("BENCH_STEPS", 100))
     repeats = int(os.environ.get("BENCH_REPEATS", 5))
     params = load_params(ROOT / "params.yaml")
-    has_controller = importlib.util.find_spec("lfmodel.controller") is not None
+    has_controller = importlib.util.find_spec("lfmodel.sparsity.controller") is not None
     params["surge"]["mode"] = "adaptive" if has_controller else "interval"
     params["train"]["steps"] = steps * repeats
     if "BENCH_THREADS" in os.environ:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lfmodel.entropy import regularized_loss
 from lfmodel.models import groups
-from lfmodel.sparsity import MaskSet
+from lfmodel.sparsity.masks import MaskSet
 
 
 class DivergenceError(RuntimeError):
@@ -35,18 +35,21 @@ class DivergenceError(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 1200
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    cosine: bool = True
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    lambda_entropy: float = 0.0
-    lambda_balance: float = 0.0
-    eval_every: int = 100
-    log_every: int = 25
-    seed: int = 0
+    """The training knobs, built only from params (from_params): config.DEFAULTS holds every
+    default, so none is written here."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    cosine: bool
+    warmup_steps: int
+    grad_clip: float
+    lambda_entropy: float
+    lambda_balance: float
+    eval_every: int
+    log_every: int
+    seed: int
 
     @classmethod
     def from_params(cls, params: dict) -> TrainConfig:
@@ -58,8 +61,9 @@ class TrainConfig:
                    eval_every=t["eval_every"], log_every=t["log_every"], seed=params["seed"])
 
 
-def seed_everything(seed: int, threads: int = 0) -> None:
-    """One seed for python, numpy and torch; fixed thread count (float sums depend on it).
+def seed_everything(seed: int, threads: int) -> None:
+    """One seed for python, numpy and torch; fixed thread count (float sums depend on it;
+    0 leaves torch's own count, as train.threads 0 does).
 
     Not `torch.use_deterministic_algorithms`: the CPU kernels used here are deterministic for a
     fixed thread count already, and that call imports torch's compiler (~5 s per stage).
@@ -99,6 +103,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- schedule
     def lr_at(self, step: int) -> float:
+        """The lr of `step`'s optimizer update: warmup, cosine, times lr_scale (the adaptive
+        controller sets lr_scale for the step before the trainer reads this)."""
         c = self.cfg
         if c.warmup_steps and step <= c.warmup_steps:
             base = c.lr * step / c.warmup_steps
@@ -161,7 +167,7 @@ class Trainer:
             self.lrs.append(self.current_lr)
             metrics: dict[str, float] = {}
             if monitor or len(self.events) > n_events:
-                metrics.update(self.snapshot(loss, task, parts))
+                metrics.update(self.snapshot(loss, task, parts, monitor))
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 val = self.evaluate()
                 self.val_history.append((step, val))
@@ -173,14 +179,17 @@ class Trainer:
         self._call("on_train_end")
         return self
 
-    def snapshot(self, loss: Tensor, task: Tensor, parts: dict[str, Tensor]) -> dict[str, float]:
-        """Step metrics: losses, lr, per-layer sparsity, activation and gate entropies."""
+    def snapshot(self, loss: Tensor, task: Tensor, parts: dict[str, Tensor],
+                 monitored: bool) -> dict[str, float]:
+        """Step metrics: losses, lr, per-layer (mask) sparsity, gate entropies, and activation
+        entropies only if this step measured them (an event step that is not a monitor step
+        still holds an earlier step's value)."""
         m = {"loss/train": task.item(), "loss/total": loss.item(), "lr": self.current_lr}
         for g, s in self.masks.group_sparsity().items():
             m[f"sparsity/{g}"] = s
         m["sparsity/all"] = self.masks.sparsity()
         for name, g in self.groups.items():
-            if g.act_entropy is not None:
+            if monitored and g.act_entropy is not None:
                 m[f"entropy/act/{name}"] = float(g.act_entropy)
         for k, v in parts.items():
             m[f"gates/{k}"] = v.item()

@@ -265,7 +265,7 @@ def test_checkpoint_restore_is_bit_exact_in_every_mode(mode, tmp_path):
     if mode in ("interval", "rigl", "adaptive"):  # events on both sides of the checkpoint
         assert any(e["step"] > 20 for e in ref.events)
     if mode == "adaptive":  # every rule fires, input noise (torch RNG) included
-        from lfmodel.controller import RULES  # the sparsity floor included
+        from lfmodel.sparsity import RULES  # the sparsity floor included
         assert {e["rule"] for e in ref.events} == set(RULES)
     assert resumed.losses == ref.losses
     assert resumed.lrs == ref.lrs

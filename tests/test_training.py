@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from lfmodel.config import validate
 from lfmodel.data import bigram_loss, prepare_regimes, unigram_loss
 from lfmodel.entropy import gate_entropies
 from lfmodel.models import AutoRegressiveModel, LFModel
@@ -30,14 +31,21 @@ def regimes():
 
 
 def lfm(seed: int = 0) -> LFModel:
-    seed_everything(seed)
+    seed_everything(seed, 1)
     return LFModel(V, d_model=16, num_layers=1, num_experts=4, expert_dim=16, adapt_dim=8,
                    adapt_rank=2)
 
 
+def train_config(lambda_entropy: float = 0.0, seed: int = 0, **train) -> TrainConfig:
+    """TrainConfig the only way the package builds one: params (DEFAULTS filled in) ->
+    from_params. Shared by the sparsity and controller tests."""
+    return TrainConfig.from_params(validate({"train": train, "lambda_entropy": lambda_entropy,
+                                             "seed": seed}))
+
+
 def config(steps: int, **kw) -> TrainConfig:
-    return TrainConfig(**{"steps": steps, "batch_size": 16, "lr": 1e-2, "warmup_steps": 5,
-                          "eval_every": 10**6, "log_every": 10**6, "seed": 0, **kw})
+    return train_config(**{"steps": steps, "batch_size": 16, "lr": 1e-2, "warmup_steps": 5,
+                           "eval_every": 10**6, "log_every": 10**6, **kw})
 
 
 def mean_token_entropy(model: torch.nn.Module, x: torch.Tensor) -> float:
