@@ -1,0 +1,55 @@
+"""Fixed start-up cost of each pipeline stage (issue 12): process start to first real work.
+
+Per stage, a fresh interpreter runs `import stages.<name>` and, for the stages that log, opens
+the MLflow client on an existing SQLite store (lfmodel.tracking.get_client, as stage_run does);
+wall time from outside the process, median of BENCH_REPEATS (5). One JSON line: seconds per
+stage and their sum (target: sum <= 8 s on the 2-core machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, machine
+
+STAGES = {"prepare": False, "train": True, "trace": True, "evaluate": True}  # logs to MLflow?
+EXPERIMENT = "startup-bench"
+
+
+def code(stage: str, logs: bool) -> str:
+    opens = f"; from lfmodel.tracking import get_client; get_client({EXPERIMENT!r})" if logs else ""
+    return f"import stages.{stage}{opens}"
+
+
+def timed(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    repeats = int(os.environ.get("BENCH_REPEATS", "5"))
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "DVC_ROOT": tmp,
+               "MLFLOW_TRACKING_URI": f"sqlite:///{Path(tmp) / 'mlflow.db'}"}
+        # the store exists before timing: creating its schema is a once-per-repo cost
+        subprocess.run([sys.executable, "-c", code("train", True)], cwd=ROOT, env=env,
+                       check=True, capture_output=True)
+        seconds = {}
+        for stage, logs in STAGES.items():
+            runs = [timed([sys.executable, "-c", code(stage, logs)], env) for _ in range(repeats)]
+            seconds[stage] = round(statistics.median(runs), 3)
+    print(json.dumps({"bench": "startup", "seconds": seconds,
+                      "sum_s": round(sum(seconds.values()), 3), "target_sum_s": 8.0,
+                      "repeats": repeats, "machine": machine(torch_threads=False)}))
+
+
+if __name__ == "__main__":
+    main()
