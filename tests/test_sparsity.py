@@ -14,6 +14,7 @@ from torch import nn
 
 from lfmodel.models import AutoRegressiveModel, LFModel, Monitored
 from lfmodel.sparsity import MaskSet, build_schedule, lowest_k
+from lfmodel.sparsity.masks import FAST_PATH_MIN, kth_in_band, kth_smallest, sample_positions
 from lfmodel.training import Trainer
 
 V = 8
@@ -170,6 +171,53 @@ def test_mask_collapse_is_monotone_and_keeps_old_pruned():
     assert w[m].abs().min() > 0
 
 
+# ---------------------------------------------------------------- kth_smallest vs kthvalue
+N_BIG = FAST_PATH_MIN + 4099   # above the fast-path threshold
+
+
+def big(kind: str) -> torch.Tensor:
+    """random normal; tied (7 distinct values); +-inf (10 % each, the rest normal)."""
+    g = torch.Generator().manual_seed(3)
+    if kind == "tied":
+        return torch.randint(0, 7, (N_BIG,), generator=g).float()
+    x = torch.randn(N_BIG, generator=g)
+    if kind == "inf":
+        perm = torch.randperm(N_BIG, generator=g)
+        x[perm[:N_BIG // 10]] = math.inf
+        x[perm[N_BIG // 10:N_BIG // 5]] = -math.inf
+    return x
+
+
+KS = (1, 2, N_BIG // 20, N_BIG // 10 + 1, N_BIG // 3, N_BIG // 2, N_BIG - N_BIG // 10,
+      N_BIG - 1, N_BIG)
+
+
+@pytest.mark.parametrize("kind", ["random", "tied", "inf"])
+def test_kth_smallest_fast_path_equals_kthvalue(kind):
+    """The sampled band finds the exact k-th value (checked against torch.kthvalue) for every
+    interior k; at the extremes it may miss, and kth_smallest still answers exactly."""
+    flat = big(kind)
+    for k in KS:
+        expected = torch.kthvalue(flat, k).values
+        band = kth_in_band(flat, k)
+        if band is not None:
+            assert torch.equal(band, expected), (kind, k)
+        elif N_BIG // 20 <= k <= N_BIG - N_BIG // 10:
+            raise AssertionError(f"{kind}: the band missed the interior k={k}")
+        assert torch.equal(kth_smallest(flat, k), expected), (kind, k)
+
+
+@pytest.mark.parametrize("kind", ["random", "tied", "inf"])
+def test_kth_smallest_fallback_when_the_band_misses(kind):
+    """A sample that lies (every sampled position holds a huge value) gives a band the counts
+    reject: kth_in_band says so (None) and kth_smallest falls back to kthvalue on everything."""
+    flat = big(kind)
+    flat[sample_positions(N_BIG)] = math.inf if kind == "inf" else 1e6
+    for k in (N_BIG // 10 + 1, N_BIG // 2, N_BIG - N_BIG // 5):
+        assert kth_in_band(flat, k) is None, (kind, k)
+        assert torch.equal(kth_smallest(flat, k), torch.kthvalue(flat, k).values), (kind, k)
+
+
 class Big(Monitored):
     def __init__(self) -> None:
         super().__init__()
@@ -312,6 +360,53 @@ def test_mask_rewire_keeps_sparsity_constant():
         assert torch.all(p.detach()[~m] == 0)
 
 
+def test_mask_regrow_by_gradient_without_gradient_raises():
+    """No dense gradient (e.g. called before backward): raise, do not revive the first k."""
+    _, masks = collapsed_mlp()
+    old = {n: m.clone() for n, m in masks.masks.items()}
+    with pytest.raises(ValueError, match="needs a dense gradient"):
+        masks.surge(0.25, "gradient", 0.5)
+    with pytest.raises(ValueError, match="needs a dense gradient"):
+        masks.rewire(0.2)
+    assert all(torch.equal(masks.masks[n], old[n]) for n in old)
+
+
+class Transposed(Monitored):
+    """A prunable weight stored transposed: a non-contiguous parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(24, 16, generator=torch.Generator().manual_seed(0)).t())
+
+
+@pytest.mark.parametrize("op", ["random", "gradient", "rewire"])
+def test_mask_writes_reach_a_non_contiguous_parameter(op):
+    """Revived / grown entries land in the parameter and its mask (a write through
+    reshape(-1)[idx] goes to a copy and is lost when the tensor is not contiguous)."""
+    model = nn.Module()
+    model.t = Transposed()
+    masks = MaskSet(model)
+    p = masks.params["t.weight"]
+    assert not p.is_contiguous()
+    masks.collapse(0.5, "layer")
+    p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).t().contiguous().t()
+    before = masks.masks["t.weight"].clone()
+    if op == "rewire":
+        assert masks.rewire(0.25) == round(0.25 * int(before.sum()))
+        grown = masks.masks["t.weight"] & ~before
+        assert int(grown.sum()) == round(0.25 * int(before.sum()))
+        assert p.grad[grown].abs().min() >= p.grad[~before & ~masks.masks["t.weight"]].abs().max()
+        return
+    n = masks.surge(0.5, op, 0.5, torch.Generator().manual_seed(2))
+    grown = masks.masks["t.weight"] & ~before
+    assert n == int(grown.sum()) == round(0.5 * int((~before).sum()))
+    if op == "random":   # revived at noise: every revived entry is non-zero in the parameter
+        assert bool((p.detach()[grown] != 0).all())
+        assert torch.equal(p.detach() != 0, masks.masks["t.weight"])
+    else:                # grown at the largest |grad| among the pruned
+        assert p.grad[grown].abs().min() >= p.grad[~masks.masks["t.weight"]].abs().max()
+
+
 # ---------------------------------------------------------------- schedules via the Trainer
 class Recorder:
     """Records mask sparsity after every step."""
@@ -385,3 +480,26 @@ def test_schedule_rigl_constant_sparsity_and_stops():
     for got, f in zip(moved, frac, strict=True):
         assert abs(got - f * active) <= len(trainer.masks.params)
     check_masked(trainer.masks, trainer.optimizer)
+
+
+class OptimizerLr:
+    """The lr the optimizer used at each step, read from its param_groups after the step."""
+
+    def __init__(self) -> None:
+        self.lr: dict[int, list[float]] = {}
+
+    def on_step_end(self, trainer, step, metrics):
+        self.lr[step] = [g["lr"] for g in trainer.optimizer.param_groups]
+
+
+@pytest.mark.parametrize("mode", ["static", "interval", "rigl"])
+def test_schedule_event_lr_is_the_lr_the_optimizer_used(mode):
+    """Warmup then cosine, so the lr moves every step: an event reporting the previous step's
+    lr (or the next's) differs from what the optimizer used at the event's step."""
+    sched = build_schedule(surge_params(mode=mode, start_fraction=0.1), 40, seed=0)
+    probe = OptimizerLr()
+    trainer = make_trainer(make_model("mlp"), 40, hooks=[sched, probe], warmup_steps=12)
+    trainer.fit()
+    assert trainer.events and any(e["step"] < 12 for e in trainer.events)  # in the warmup too
+    for e in trainer.events:
+        assert probe.lr[e["step"]] == [e["lr"]], e
