@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import BIN, run
 
 from lfmodel import study, sweep
@@ -108,3 +109,206 @@ def test_local_backend_small_grid(dvc_repo, tmp_path):
     assert "2 already complete, queued 0" in again.stdout and "results == grid" in again.stdout
     assert subprocess.run(["git", "for-each-ref", "refs/exps"], cwd=repo, capture_output=True,
                           text=True).stdout.count("/lw-") >= 2
+
+
+# ---------------------------------------------------------------------------- a real Ray cluster
+
+def _env(extra: dict | None = None) -> dict:
+    import os
+
+    from conftest import GIT_ENV
+
+    env = {**os.environ, **GIT_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra or {})
+    return env
+
+
+def _stop_group(proc: subprocess.Popen, pids: list[int] = ()) -> None:
+    """SIGTERM the process group, then SIGKILL it and any extra pids (own sessions)."""
+    import os
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _group_pids(pgid: int) -> list[int]:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os_getpgid(p.pid) == pgid:
+                out.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def os_getpgid(pid: int) -> int:
+    import os
+
+    return os.getpgid(pid)
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    """`lfmodel server` (PostgreSQL + mlflow server) on a free loopback port; stopped by pid."""
+    from lfmodel.server import free_port
+
+    data, port = tmp_path / "server", free_port()
+    proc = subprocess.Popen([LFMODEL, "server", "--data", str(data), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(), start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("export MLFLOW_TRACKING_URI="):
+                break
+        assert lines and lines[-1].startswith("export"), "".join(lines)
+        info = json.loads((data / "server.json").read_text())
+        yield {"uri": f"http://127.0.0.1:{port}", "proc": proc, "data": data, "info": info}
+    finally:
+        pids = []
+        if (data / "server.json").exists():
+            info = json.loads((data / "server.json").read_text())
+            pids = [p for p in (info["mlflow_pid"], info["postgres_pid"]) if p]
+        _stop_group(proc)
+        for pid in pids:  # children in their own sessions: never outlive the test
+            try:
+                import os
+                import signal
+
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """Two Ray nodes on 127.0.0.1, one CPU each, `ray start --block` in their own process
+    groups (head first, then the worker), stopped by group, pass or fail."""
+    import time
+
+    from lfmodel.server import free_port
+
+    port = free_port()
+    temp = Path(f"/tmp/ray_h3_{port}")
+    common = ["--block", "--num-cpus", "1", "--object-store-memory", "80000000",
+              "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--port", str(port),
+                             "--include-dashboard", "false", "--temp-dir", str(temp),
+                             "--resources", '{"head": 1}', *common],
+                            stdout=open(tmp_path / "ray_head.log", "w"), stderr=subprocess.STDOUT,
+                            env=_env(), start_new_session=True)
+    nodes = {"head": head}
+    try:
+        address = f"127.0.0.1:{port}"
+        _wait_nodes(address, 1, head)
+        worker = subprocess.Popen([str(BIN / "ray"), "start", "--address", address,
+                                   "--resources", '{"worker": 1}', *common],
+                                  stdout=open(tmp_path / "ray_worker.log", "w"),
+                                  stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+        nodes["worker"] = worker
+        _wait_nodes(address, 2, worker)
+        yield {"address": address, **nodes}
+    finally:
+        for name in ("worker", "head"):
+            if name in nodes:
+                _stop_group(nodes[name], _group_pids(nodes[name].pid))
+        time.sleep(1)
+        import shutil
+
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_nodes(address: str, n: int, proc: subprocess.Popen, seconds: float = 120) -> None:
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc.poll() is None, f"ray start exited with {proc.returncode}"
+        out = subprocess.run([str(BIN / "ray"), "status", "--address", address],
+                             capture_output=True, text=True, env=_env()).stdout
+        if out.count("node_") >= n and f"0.0/{n}.0 CPU" in out.replace(" ", ""):
+            return
+        time.sleep(2)
+    raise AssertionError(f"Ray cluster at {address} did not reach {n} nodes: {out}")
+
+
+def _cluster_repo(dvc_repo, tmp_path) -> tuple[Path, Path]:
+    repo = dvc_repo()
+    bare = tmp_path / "origin.git"
+    run(["git", "init", "-q", "--bare", str(bare)], tmp_path)
+    run(["git", "remote", "add", "origin", str(bare)], repo)
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "dvcstore")], repo)
+    run(["git", "commit", "-qam", "remotes"], repo)
+    return repo, bare
+
+
+GRID4 = ["-S", "lambda_entropy=0,0.05", "--seeds", "0-1"]
+
+
+def _check_records(repo: Path, bare: Path, tmp_path: Path, uri: str, sweep_id: str) -> dict:
+    """origin: exactly 4 exp refs; a fresh clone pulls and shows them; MLflow: 4 FINISHED runs
+    under one parent with DVC's test_loss. Returns {name: run}."""
+    refs = [r for r in run(["git", "ls-remote", str(bare), "refs/exps/*"], repo).stdout.split()
+            if r.startswith("refs/exps/")]
+    assert len(refs) == 4, refs
+    clone = tmp_path / "fresh"
+    run(["git", "clone", "-q", str(bare), str(clone)], tmp_path)
+    names = sorted(r.rsplit("/", 1)[-1] for r in refs)
+    run(["dvc", "exp", "pull", "origin", *names], clone)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], clone).stdout)
+    exps = {e["name"]: e for b in shown for e in (b.get("experiments") or [])}
+    assert set(names) <= set(exps), exps.keys()
+    loss = {}
+    for n in names:
+        data = exps[n]["revs"][0]["data"]
+        assert "lambda_entropy" in data["params"]["params.yaml"]["data"]
+        loss[n] = data["metrics"]["reports/metrics.json"]["data"]["test_loss"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("entropy-dynamics")
+    parents = client.search_runs([exp.experiment_id], f"tags.`lfmodel.sweep_id` = '{sweep_id}' and "
+                                 "tags.`lfmodel.sweep.role` = 'parent'")
+    assert len(parents) == 1
+    kids = client.search_runs([exp.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    finished = [k for k in kids if k.info.status == "FINISHED"]
+    assert sorted(k.data.tags["dvc.exp_name"] for k in finished) == names
+    assert all(k.info.status != "RUNNING" for k in kids)
+    for k in finished:
+        assert k.data.metrics["test_loss"] == pytest.approx(loss[k.data.tags["dvc.exp_name"]],
+                                                            rel=1e-6)
+    return {k.data.tags["dvc.exp_name"]: k for k in kids}
+
+
+def test_ray_two_nodes(dvc_repo, tmp_path, tracking_server, ray_cluster):
+    repo, bare = _cluster_repo(dvc_repo, tmp_path)
+    proc = run([LFMODEL, "sweep", *GRID4, "--name", "rs", "--backend", "ray", "--address",
+                ray_cluster["address"]], repo, env={"MLFLOW_TRACKING_URI": tracking_server["uri"]},
+               timeout=1200)
+    assert "results == grid (4 experiments" in proc.stdout, proc.stdout + proc.stderr
+    runs = _check_records(repo, bare, tmp_path, tracking_server["uri"], "rs")
+    nodes = {r.data.tags.get("lfmodel.node_id") for r in runs.values()
+             if r.info.status == "FINISHED"}
+    assert len(nodes) == 2, nodes  # both nodes did work

@@ -1,0 +1,103 @@
+"""`lfmodel server` (real PostgreSQL from the wheel + mlflow server on loopback) and the stage
+preflight against a tracking server that is not there."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from conftest import BIN, run
+from test_sweep import LFMODEL, _env, _stop_group
+
+from lfmodel.server import free_port
+
+
+def _start(data, port) -> subprocess.Popen:
+    proc = subprocess.Popen([LFMODEL, "server", "--data", str(data), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("export MLFLOW_TRACKING_URI="):
+            return proc
+    _stop_group(proc)
+    raise AssertionError("".join(out))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_server_start_stop_and_reuse(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    data, port = tmp_path / "srv", free_port()
+    proc = _start(data, port)
+    pids = []
+    try:
+        info = json.loads((data / "server.json").read_text())
+        pids = [info["mlflow_pid"], info["postgres_pid"]]
+        assert info["db_uri"].startswith("postgresql")
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        exp = client.create_experiment("e")
+        run_id = client.create_run(exp).info.run_id
+        client.log_metric(run_id, "m", 1.5)
+        client.set_terminated(run_id)
+        # Ctrl-C stops both processes
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(60)
+        deadline = time.time() + 20
+        while any(_alive(p) for p in pids) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not any(_alive(p) for p in pids)
+        assert not (data / "server.json").exists()
+        # a second start on the same folder reuses the database
+        proc = _start(data, port)
+        pids = [json.loads((data / "server.json").read_text())[k] for k in ("mlflow_pid",
+                                                                              "postgres_pid")]
+        again = MlflowClient(f"http://127.0.0.1:{port}").get_run(run_id)
+        assert again.data.metrics["m"] == 1.5 and again.info.status == "FINISHED"
+    finally:
+        _stop_group(proc)
+        for p in pids:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_server_port_in_use_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = run([LFMODEL, "server", "--data", str(tmp_path / "d"), "--port", str(port)],
+                   tmp_path, check=False, timeout=60)
+    assert proc.returncode == 2 and "already in use" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_stage_fails_fast_when_nothing_listens(dvc_repo):
+    """Before: 254 s of MLflow retries and a traceback. Now: one line naming the URI, < 30 s."""
+    repo = dvc_repo()
+    run(["dvc", "repro", "prepare"], repo)
+    uri = f"http://127.0.0.1:{free_port()}"
+    t0 = time.time()
+    proc = run([str(BIN / "python"), "-m", "stages.train"], repo,
+               env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=120)
+    seconds = time.time() - t0
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and uri in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert seconds < 30, seconds
