@@ -2,18 +2,24 @@
 issue 12's batched rewrite: experts one by one, the token-mixing kernel [S, S, d] rebuilt with
 exp in every forward. The reference that bench/train_step.py times against and that
 tests/test_models.py checks the package model against (outputs and gradients). Same module
-tree, so the same state_dict loads into both. Not part of the package; do not edit.
+tree, so the same state_dict loads into both. Not part of the package; do not edit. Run as a
+script (`make bench` runs every bench/*.py) it does nothing.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lfmodel.models.common import Monitored
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `make bench` runs bench/*.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lfmodel.models.common import Monitored  # noqa: E402
 
 
 class AdaptiveLinear(nn.Module):

@@ -53,10 +53,11 @@ class AdaptiveLinear(nn.Module):
             nn.init.normal_(self.up.weight, std=0.02)
 
     def forward(self, x: Tensor, adapt: Tensor) -> Tensor:
-        y = self.base(x)
-        if self.rank > 0:
-            y = y + self.up(self.mod(adapt) * self.down(x))
-        return y
+        if self.rank == 0:
+            return self.base(x)
+        z = self.mod(adapt) * self.down(x)  # one matmul: [x, z] @ [W, U]^T
+        return F.linear(torch.cat([x, z], -1), torch.cat([self.base.weight, self.up.weight], 1),
+                        self.base.bias)
 
 
 def causal_window(x: Tensor, context: int) -> Tensor:

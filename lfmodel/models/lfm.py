@@ -10,6 +10,11 @@ Per block, pre-norm residual:
 The token mixer is the "liquid" part: h_t = lam * h_{t-1} + (1 - lam) * v_t with a learned
 time constant per channel (1 to ~128 steps at init). That recursion is the shape of the Bayes
 filter over a hidden regime, and unlike the seed's full-sequence mean it never sees the future.
+
+Speed (issue 12): the experts keep one module each (parameter names, masks and per-expert logs
+are unchanged) but run as one matmul per layer of experts; the token-mixing kernel is built from
+S powers per channel instead of S*S, and cached while its parameters do not change. The math is
+that of bench/reference_lfm.py (equal to 1e-5, not bit-identical: the op order differs).
 """
 
 from __future__ import annotations
@@ -31,18 +36,35 @@ class TokenMixing(Monitored):
         tau = torch.logspace(0, math.log10(128), d)  # time constants in steps
         lam = (1 - 1 / tau).clamp(1e-3, 1 - 1e-3)
         self.decay_logit = nn.Parameter(torch.log(lam / (1 - lam)))
+        self._kernel: tuple[tuple, Tensor] | None = None  # (key, [d, S, S]) when no graph is needed
 
     def kernel(self, s: int) -> Tensor:
-        """K[t, j, c] = (1 - lam_c) lam_c^(t-j) for j <= t, else 0."""
-        log_lam = F.logsigmoid(self.decay_logit)
-        idx = torch.arange(s, device=log_lam.device)
-        lag = (idx[:, None] - idx[None, :]).clamp_min(0).to(log_lam.dtype)
-        k = torch.exp(lag[..., None] * log_lam) * (1 - log_lam.exp())
-        return k * (idx[:, None] >= idx[None, :])[..., None]
+        """K[c, j, t] = (1 - lam_c) lam_c^(t-j) for j <= t, else 0: per channel, the causal
+        Toeplitz kernel from inputs j to outputs t (transposed, as the matmul reads it).
+
+        Built from the S powers (1 - lam) lam^l (S*d exps, not S*S*d) laid out by an unfold.
+        Without a graph (eval, trace, sampling) it is kept until decay_logit changes (version
+        counter: optimizer steps and load_state_dict bump it); a shorter S reads the top-left
+        corner of a longer kernel.
+        """
+        p = self.decay_logit
+        graph = torch.is_grad_enabled() and p.requires_grad
+        key = (p._version, p.data_ptr(), p.dtype, p.device)
+        if not graph and self._kernel and self._kernel[0] == key and self._kernel[1].shape[1] >= s:
+            return self._kernel[1][:, :s, :s]
+        lag = torch.arange(s, device=p.device, dtype=p.dtype)
+        powers = torch.exp(torch.addcmul(F.logsigmoid(-p)[:, None], F.logsigmoid(p)[:, None], lag))
+        row = torch.cat([powers.new_zeros(p.shape[0], s - 1), powers], -1)  # [d, 2S-1]
+        k = row.unfold(-1, s, 1).flip(-2)  # row j: j zeros, then lags 0, 1, ..., S-1-j
+        self._kernel = None if graph else (key, k)
+        return k
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        v = self.inp(self.noisy(x))
-        h = torch.einsum("tjc,bjc->btc", self.kernel(x.shape[1]), v)
+        """Channels first, [d, B, S], so that the mix over positions is one batched matmul over
+        channels on contiguous operands; h goes back to [B, S, d] as a free (transposed) view."""
+        b, s, d = x.shape
+        v = torch.addmm(self.inp.bias[:, None], self.inp.weight, self.noisy(x).reshape(-1, d).T)
+        h = torch.bmm(v.view(d, b, s), self.kernel(s)).permute(1, 2, 0)
         return h, self.out(self.observe(F.gelu(h)))
 
 
@@ -57,7 +79,16 @@ class ChannelMixing(Monitored):
 
 
 class Expert(ChannelMixing):
-    """One expert: an adaptive two-layer MLP (its own prunable group)."""
+    """One expert: an adaptive two-layer MLP (its own prunable group). It holds the parameters;
+    MixtureOfExperts runs all experts at once (its forward is the same function, batched)."""
+
+
+def linears(layers: list[nn.Linear], xs: list[Tensor], x: Tensor) -> Tensor:
+    """[layer_e(xs[e]) for e] concatenated on the last dim: one matmul when every xs[e] is x."""
+    if all(xi is x for xi in xs):
+        bias = None if layers[0].bias is None else torch.cat([lin.bias for lin in layers])
+        return F.linear(x, torch.cat([lin.weight for lin in layers]), bias)
+    return torch.cat([lin(xi) for lin, xi in zip(layers, xs, strict=True)], -1)
 
 
 class MixtureOfExperts(nn.Module):
@@ -65,6 +96,10 @@ class MixtureOfExperts(nn.Module):
 
     `gates` keeps the last [B, S, E] gate probabilities for the entropy loss and logging:
     token_entropy = mean_t H(g_t), usage_entropy = H(mean_t g_t) (lfmodel.entropy).
+    All experts run together: their first layers as one matmul on the concatenated weights
+    (per expert only while the controller adds input noise to some of them), the low-rank
+    modulation as one batched matmul, and sum_e g_e (W2_e h_e + b2_e) as one matmul of the
+    gate-scaled activations against the second layers side by side, plus g @ b2.
     """
 
     def __init__(self, d: int, expert_dim: int, num_experts: int, adapt_dim: int, rank: int):
@@ -77,8 +112,29 @@ class MixtureOfExperts(nn.Module):
     def forward(self, x: Tensor, a: Tensor) -> Tensor:
         g = torch.softmax(self.gate(a), dim=-1)
         self.gates = g
-        outs = torch.stack([e(x, a) for e in self.experts], dim=-1)  # [B, S, d, E]
-        return (outs * g.unsqueeze(-2)).sum(-1)
+        experts, fc1 = list(self.experts), [e.fc1 for e in self.experts]
+        xs = [e.noisy(x) for e in experts]
+        rank = fc1[0].rank
+        if rank:  # [x, m * down(x)] @ [W_base; block_diag(up)]: base and modulation in one matmul
+            m = linears([f.mod for f in fc1], [a] * len(fc1), a)
+            z = m * linears([f.down for f in fc1], xs, x)  # [B, S, E*r]
+            w = torch.cat([torch.cat([f.base.weight for f in fc1]),
+                           torch.block_diag(*[f.up.weight for f in fc1])], 1)
+            bias = torch.cat([f.base.bias for f in fc1])
+            if all(xi is x for xi in xs):
+                pre = F.linear(torch.cat([x, z], -1), w, bias)
+            else:
+                pre = linears([f.base for f in fc1], xs, x) + F.linear(z, w[:, x.shape[-1]:])
+        else:
+            pre = linears([f.base for f in fc1], xs, x)
+        pre = pre.unflatten(-1, (len(experts), -1))
+        act = F.gelu(pre)  # [B, S, E, H]
+        for i, e in enumerate(experts):
+            if e.monitor:
+                e.observe(act[..., i, :])
+        w2 = torch.cat([e.fc2.weight for e in experts], 1)  # [d, E*H]
+        b2 = torch.stack([e.fc2.bias for e in experts])  # [E, d]
+        return F.linear((act * g.unsqueeze(-1)).flatten(-2), w2) + g @ b2
 
 
 class Block(nn.Module):
@@ -99,18 +155,13 @@ class Block(nn.Module):
 
 
 class LFModel(nn.Module):
-    """Tokens [B, S] (long) -> logits [B, S, V]; values [B, S] (float) -> predictions [B, S, 1]."""
+    """Tokens [B, S] (long) -> logits [B, S, V]; values [B, S] (float) -> predictions [B, S, 1].
 
-    def __init__(
-        self,
-        vocab_size: int | None,
-        d_model: int = 64,
-        num_layers: int = 2,
-        num_experts: int = 4,
-        expert_dim: int = 128,
-        adapt_dim: int = 16,
-        adapt_rank: int = 4,
-    ) -> None:
+    No defaults: build_model passes every size from params (config.DEFAULTS is their one source).
+    """
+
+    def __init__(self, vocab_size: int | None, *, d_model: int, num_layers: int,
+                 num_experts: int, expert_dim: int, adapt_dim: int, adapt_rank: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, d_model) if vocab_size else nn.Linear(1, d_model)

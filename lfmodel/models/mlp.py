@@ -22,9 +22,10 @@ class AutoRegressiveModel(nn.Module):
     """Tokens [B, S] (long) -> logits [B, S, V]; or values [B, S] (float) -> [B, S, 1].
 
     Position t sees inputs t-context+1..t (one-hot for tokens), so it is causal by construction.
+    No defaults: build_model passes every size from params (config.DEFAULTS is their one source).
     """
 
-    def __init__(self, vocab_size: int | None, context: int = 8, hidden: int = 256) -> None:
+    def __init__(self, vocab_size: int | None, *, context: int, hidden: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.context = context

@@ -1,0 +1,160 @@
+"""Training step of the default LFModel: the package model against the frozen reference copy of
+today's forward (bench/reference_lfm.py), in one process, on the same inputs (issue 12).
+
+A step is forward (with gates) + task loss + lambda_entropy * gate entropy + backward + grad
+clip + Adam, with params.yaml's defaults (batch 32, seq 64, d_model 64, 4 experts,
+expert_dim 64). Sides, interleaved in every repeat so that a shared machine's load hits them
+alike: `ref` (reference model, today's Adam), `new` (package model, the same Adam: the model's
+own speed-up), `new_fused` (package model, Adam(fused=True): what the step gains from the
+optimizer too), and `matmul` (a 1024^3 fp32 matmul: the machine's reference FLOP/s at the same
+thread count). Times are medians over BENCH_REPEATS blocks of BENCH_STEPS steps; speed-ups are
+medians of the per-block ratios. FLOPs per step are model FLOPs: torch's FlopCounterMode on one
+reference step (the math as defined, whatever the implementation skips or adds); `new_counted`
+is the same count on the package model (its block-diagonal weights multiply some zeros).
+Before timing, outputs, gates and gradients of both models (same state_dict) must agree to
+1e-5. BENCH_THREADS=1 or 2 runs one thread count (default: both). Prints one JSON line.
+Targets: speed-up >= 2 at 1 and at 2 threads, step FLOP/s >= 50 % of matmul FLOP/s.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from _common import ROOT, machine  # noqa: E402  (puts the repository on sys.path)
+from reference_lfm import LFModel as ReferenceLFModel  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from lfmodel.config import load_params  # noqa: E402
+from lfmodel.entropy import regularized_loss  # noqa: E402
+from lfmodel.models import build_model  # noqa: E402
+
+MATMUL_N = 1024
+TOL = 1e-5
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict) -> torch.Tensor:
+    out, gates = model(x, return_gates=True)
+    task = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+    return regularized_loss(task, gates, t["lambda_entropy"], t["lambda_balance"])[0]
+
+
+def step(model: nn.Module, opt: torch.optim.Optimizer, x, y, t: dict) -> None:
+    loss = loss_of(model, x, y, t)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+    opt.step()
+
+
+def max_diffs(new: nn.Module, ref: nn.Module, x, y, t: dict) -> dict:
+    """Largest |new - ref| over outputs and gates, and over every parameter's gradient."""
+    (o1, g1), (o0, g0) = new(x, return_gates=True), ref(x, return_gates=True)
+    out = max((a - b).abs().max().item() for a, b in zip([o1, *g1], [o0, *g0], strict=True))
+    d1 = torch.autograd.grad(loss_of(new, x, y, t), list(new.parameters()))
+    d0 = torch.autograd.grad(loss_of(ref, x, y, t), list(ref.parameters()))
+    grad = max((a - b).abs().max().item() for a, b in zip(d1, d0, strict=True))
+    return {"out_max_abs": out, "grad_max_abs": grad}
+
+
+def flops(model: nn.Module, x, y, t: dict) -> int:
+    with FlopCounterMode(display=False) as counter:
+        loss_of(model, x, y, t).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def timed(fn, n: int) -> float:
+    """Seconds per call of fn over n calls (wall clock)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def run(threads: int, sides: dict, steps: int, repeats: int, step_flops: int) -> dict:
+    torch.set_num_threads(threads)
+    a = torch.randn(MATMUL_N, MATMUL_N)
+    b = torch.randn(MATMUL_N, MATMUL_N)
+    fns = {**sides, "matmul": lambda: torch.mm(a, b)}
+    for fn in fns.values():   # warm-up: allocator, thread pool, first-call costs
+        timed(fn, 3)
+    per: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            per[k].append(timed(fn, steps if k != "matmul" else max(3, steps // 4)))
+    med = {k: statistics.median(v) for k, v in per.items()}
+    mm_flops = 2 * MATMUL_N ** 3 / med["matmul"]
+
+    def speedup(k: str) -> float:
+        return statistics.median(r / n for r, n in zip(per["ref"], per[k], strict=True))
+
+    out = {f"{k}_ms": round(1000 * med[k], 2) for k in sides}
+    out.update({
+        "speedup_new": round(speedup("new"), 3), "speedup_new_fused": round(speedup("new_fused"), 3),
+        "matmul_gflops": round(mm_flops / 1e9, 1),
+    })
+    for k in sides:
+        out[f"{k}_gflops"] = round(step_flops / med[k] / 1e9, 1)
+        out[f"{k}_fraction_of_matmul"] = round(step_flops / med[k] / mm_flops, 3)
+    return out
+
+
+def main() -> None:
+    steps = int(os.environ.get("BENCH_STEPS", 20))
+    repeats = int(os.environ.get("BENCH_REPEATS", 7))
+    thread_counts = ([int(os.environ["BENCH_THREADS"])] if "BENCH_THREADS" in os.environ
+                     else [1, 2])
+    params = load_params(ROOT / "params.yaml")
+    p, tr, data = params["model"], params["train"], params["data"]
+    t = {"lambda_entropy": params["lambda_entropy"], "lambda_balance": tr["lambda_balance"],
+         "grad_clip": tr["grad_clip"]}
+    vocab = data["vocab_size"]
+    torch.manual_seed(params["seed"])
+    new = build_model(p, vocab)
+    ref = ReferenceLFModel(vocab, **{k: p[k] for k in (
+        "d_model", "num_layers", "num_experts", "expert_dim", "adapt_dim", "adapt_rank")})
+    ref.load_state_dict(new.state_dict())
+    new_fused = copy.deepcopy(new)
+    g = torch.Generator().manual_seed(params["seed"])
+    x = torch.randint(0, vocab, (tr["batch_size"], data["seq_len"]), generator=g)
+    y = torch.randint(0, vocab, (tr["batch_size"], data["seq_len"]), generator=g)
+
+    torch.set_num_threads(1)
+    diffs = max_diffs(new, ref, x, y, t)
+    equal = max(diffs.values()) <= TOL
+    step_flops = flops(ref, x, y, t)
+    new_counted = flops(new, x, y, t)
+
+    adam = {"lr": tr["lr"], "weight_decay": tr["weight_decay"]}
+    opts = {"ref": torch.optim.Adam(ref.parameters(), **adam),
+            "new": torch.optim.Adam(new.parameters(), **adam),
+            "new_fused": torch.optim.Adam(new_fused.parameters(), fused=True, **adam)}
+    models = {"ref": ref, "new": new, "new_fused": new_fused}
+    sides = {k: (lambda k=k: step(models[k], opts[k], x, y, t)) for k in models}
+    results = {str(n): run(n, sides, steps, repeats, step_flops) for n in thread_counts}
+    met = equal and all(r["speedup_new"] >= 2 and r["new_fraction_of_matmul"] >= 0.5
+                        for r in results.values())
+    print(json.dumps({
+        "bench": "train_step",
+        "config": {"batch_size": tr["batch_size"], "seq_len": data["seq_len"], "vocab": vocab,
+                   **{k: p[k] for k in ("d_model", "num_layers", "num_experts", "expert_dim",
+                                        "adapt_dim", "adapt_rank")}},
+        "steps_per_block": steps, "repeats": repeats,
+        "equal": {**{k: float(f"{v:.3g}") for k, v in diffs.items()}, "tol": TOL, "ok": equal},
+        "model_gflop_per_step": round(step_flops / 1e9, 3),
+        "new_counted_gflop_per_step": round(new_counted / 1e9, 3),
+        "threads": results,
+        "targets": {"speedup_new": 2.0, "new_fraction_of_matmul": 0.5}, "met": met,
+        "machine": machine(),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
