@@ -1,12 +1,17 @@
 """Both models: shapes, causality (outputs at <= t ignore inputs at > t), batch independence,
-the bounded cost of AdaptiveLinear, and the prunable groups."""
+the bounded cost of AdaptiveLinear, the prunable groups; the batched LFModel against the frozen
+reference (bench/reference_lfm.py), its kernel cache, device cleanliness, no defaults."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
-from lfmodel.models import AdaptiveLinear, AutoRegressiveModel, LFModel, build_model, prunable
+from lfmodel.config import DEFAULTS
+from lfmodel.models import AdaptiveLinear, AutoRegressiveModel, LFModel, build_model, groups, prunable
 
 V = 11          # vocabulary
 B, S = 3, 9     # B != S, B > 1
@@ -158,3 +163,137 @@ def test_build_model_and_prunable_groups():
     mlp = build_model({"arch": "mlp", "context": 4, "hidden": 32}, None)
     assert isinstance(mlp, AutoRegressiveModel)
     assert {n for g in prunable(mlp).values() for n in g} == {"mlp.fc1.weight", "mlp.fc2.weight"}
+
+
+# ---------------------------------------------------------------- issue 12: the batched model
+# bench/reference_lfm.py is a frozen copy of the LFModel before batching (experts one by one, the
+# token-mixing kernel rebuilt with exp in every forward): same module tree, same state_dict.
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("reference_lfm", ROOT / "bench/reference_lfm.py")
+reference_lfm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reference_lfm)
+
+SIZES = [dict(d_model=16, num_layers=2, num_experts=3, expert_dim=12, adapt_dim=6, adapt_rank=2),
+         dict(d_model=8, num_layers=1, num_experts=4, expert_dim=8, adapt_dim=4, adapt_rank=0)]
+
+
+def pair(vocab: int | None, sizes: dict, seed: int = 0) -> tuple[LFModel, torch.nn.Module]:
+    """The package model and the reference with the same weights (decays moved off their init)."""
+    torch.manual_seed(seed)
+    new = LFModel(vocab, **sizes)
+    with torch.no_grad():
+        for p in new.parameters():  # random weights everywhere, the low-rank `up` included
+            p.add_(0.3 * torch.randn_like(p))
+    ref = reference_lfm.LFModel(vocab, **sizes)
+    ref.load_state_dict(new.state_dict())
+    return new, ref
+
+
+def loss_and_grads(model, x, y):
+    out, gates = model(x, return_gates=True)
+    loss = (out * y).sum() + sum((g * g.log()).sum() for g in gates)
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()])
+    return out, gates, dict(zip(names, grads, strict=True))
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=["rank2", "rank0"])
+@pytest.mark.parametrize("vocab", [V, None], ids=["tokens", "series"])
+def test_batched_lfm_equals_reference_outputs_and_gradients(vocab, sizes):
+    """Outputs, gates and every parameter's gradient equal the reference's to 1e-5 (the op order
+    differs, so not bit for bit), in training mode, on random inputs and random weights."""
+    new, ref = pair(vocab, sizes)
+    assert list(new.state_dict()) == list(ref.state_dict())  # names, masks, checkpoints unchanged
+    x = inputs(vocab, 4, 13, seed=3)
+    y = torch.randn(4, 13, vocab or 1, generator=torch.Generator().manual_seed(4))
+    out1, gates1, grads1 = loss_and_grads(new.train(), x, y)
+    out0, gates0, grads0 = loss_and_grads(ref.train(), x, y)
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    for g1, g0 in zip(gates1, gates0, strict=True):
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-5)
+    assert grads1.keys() == grads0.keys()
+    for name, g0 in grads0.items():
+        torch.testing.assert_close(grads1[name], g0, rtol=1e-5, atol=1e-5, msg=name)
+        assert g0.abs().max() > 0, f"{name}: zero gradient, the comparison is vacuous"
+
+
+def test_batched_lfm_monitoring_and_input_noise_per_expert():
+    """Per-expert activation entropy (the controller's input) and per-expert input noise (its
+    low-entropy rule) are still per expert: equal to the reference's, same noise draws."""
+    new, ref = pair(V, SIZES[0])
+    for model in (new, ref):
+        for name, mod in groups(model).items():
+            mod.monitor = True
+            mod.input_noise = 0.5 if name == "block1.moe.expert1" else 0.0
+        model.train()
+    x = inputs(V, 3, 9)
+    torch.manual_seed(7)
+    out1 = new(x)
+    torch.manual_seed(7)
+    out0 = ref(x)
+    torch.testing.assert_close(out1, out0, rtol=1e-5, atol=1e-5)
+    g1, g0 = groups(new), groups(ref)
+    assert g1.keys() == g0.keys()
+    values = {}
+    for name in g0:
+        torch.testing.assert_close(g1[name].act_entropy, g0[name].act_entropy, rtol=1e-5,
+                                   atol=1e-6, msg=name)
+        values[name] = g1[name].act_entropy.item()
+    assert len(set(values.values())) == len(values)  # each group its own activations
+
+
+def test_token_mixing_kernel_cache_follows_the_parameters():
+    """Without a graph the kernel is reused, but never after decay_logit changes (optimizer
+    step, load_state_dict); a shorter sequence reads the corner of a longer cached kernel."""
+    new, ref = pair(V, SIZES[0])
+    new.eval(), ref.eval()
+    x = inputs(V, 2, 12)
+    tm = new.blocks[0].token_mix
+    with torch.no_grad():
+        new(x)
+        k = tm._kernel[1]
+        new(x)
+        assert tm._kernel[1] is k  # cached
+        torch.testing.assert_close(new(x[:, :5]), ref(x[:, :5]), rtol=1e-5, atol=1e-5)
+    opt = torch.optim.SGD(new.parameters(), lr=0.5)  # a real step moves every decay
+    new.train()
+    new(x).sum().backward()
+    opt.step()
+    new.eval()
+    ref.load_state_dict(new.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), ref(x), rtol=1e-5, atol=1e-5)
+        new.load_state_dict(pair(V, SIZES[0], seed=1)[1].state_dict())
+        ref.load_state_dict(new.state_dict())
+        torch.testing.assert_close(new(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("arch", "vocab"), CASES, ids=IDS)
+def test_models_follow_the_device_of_their_weights(arch, vocab):
+    """No tensor is created on the CPU implicitly: forward and backward run on the meta device
+    (a CPU tensor mixed in would raise), in training and in eval (the cached kernel)."""
+    model = make(arch, vocab).to("meta").train()
+    x = inputs(vocab).to("meta")
+    out, _ = model(x, return_gates=True)
+    assert out.device.type == "meta"
+    out.sum().backward()
+    assert all(p.grad.device.type == "meta" for p in model.parameters())
+    with torch.no_grad():
+        assert model.eval()(x).device.type == "meta"
+
+
+def test_models_have_no_constructor_defaults():
+    """Sizes come from params only (config.DEFAULTS is their one source): build_model on the
+    defaults gives the defaults' sizes, and a model built without them is an error."""
+    p = DEFAULTS["model"]
+    lfm = build_model(p, V)
+    expert = lfm.blocks[0].moe.experts[0]
+    assert expert.fc1.base.out_features == p["expert_dim"]
+    assert len(lfm.blocks) == p["num_layers"] and len(lfm.blocks[0].moe.experts) == p["num_experts"]
+    assert lfm.head.in_features == p["d_model"] and expert.fc1.rank == p["adapt_rank"]
+    mlp = build_model({**p, "arch": "mlp"}, V)
+    assert mlp.context == p["context"] and mlp.mlp.fc1.out_features == p["hidden"]
+    with pytest.raises(TypeError):
+        LFModel(V)
+    with pytest.raises(TypeError):
+        AutoRegressiveModel(V)
