@@ -8,9 +8,11 @@ alike: `ref` (reference model, today's Adam), `new` (package model, the same Ada
 own speed-up), `new_fused` (package model, Adam(fused=True): what the step gains from the
 optimizer too), and `matmul` (a 1024^3 fp32 matmul: the machine's reference FLOP/s at the same
 thread count). Times are medians over BENCH_REPEATS blocks of BENCH_STEPS steps; speed-ups are
-medians of the per-block ratios. FLOPs per step are model FLOPs: torch's FlopCounterMode on one
-reference step (the math as defined, whatever the implementation skips or adds); `new_counted`
-is the same count on the package model (its block-diagonal weights multiply some zeros).
+medians of the per-block ratios; each figure twice, by wall clock and by process CPU time
+(`cpu_`, which a machine shared with other jobs inflates less). FLOPs per step are model
+FLOPs: torch's FlopCounterMode on one reference step (the math as defined, whatever the
+implementation skips or adds); `new_counted` is the same count on the package model (its
+block-diagonal weights multiply some zeros).
 Before timing, outputs, gates and gradients of both models (same state_dict) must agree to
 1e-5. BENCH_THREADS=1 or 2 runs one thread count (default: both). Prints one JSON line.
 Targets: speed-up >= 2 at 1 and at 2 threads, step FLOP/s >= 50 % of matmul FLOP/s.
@@ -70,12 +72,13 @@ def flops(model: nn.Module, x, y, t: dict) -> int:
     return counter.get_total_flops()
 
 
-def timed(fn, n: int) -> float:
-    """Seconds per call of fn over n calls (wall clock)."""
-    t0 = time.perf_counter()
+def timed(fn, n: int) -> tuple[float, float]:
+    """Seconds per call of fn over n calls: wall clock, and process CPU time (all threads; a
+    loaded machine inflates it less than wall time, since waiting for a core costs none)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - t0) / n
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
 
 
 def run(threads: int, sides: dict, steps: int, repeats: int, step_flops: int) -> dict:
@@ -85,24 +88,25 @@ def run(threads: int, sides: dict, steps: int, repeats: int, step_flops: int) ->
     fns = {**sides, "matmul": lambda: torch.mm(a, b)}
     for fn in fns.values():   # warm-up: allocator, thread pool, first-call costs
         timed(fn, 3)
-    per: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
-            per[k].append(timed(fn, steps if k != "matmul" else max(3, steps // 4)))
-    med = {k: statistics.median(v) for k, v in per.items()}
-    mm_flops = 2 * MATMUL_N ** 3 / med["matmul"]
-
-    def speedup(k: str) -> float:
-        return statistics.median(r / n for r, n in zip(per["ref"], per[k], strict=True))
-
-    out = {f"{k}_ms": round(1000 * med[k], 2) for k in sides}
-    out.update({
-        "speedup_new": round(speedup("new"), 3), "speedup_new_fused": round(speedup("new_fused"), 3),
-        "matmul_gflops": round(mm_flops / 1e9, 1),
-    })
-    for k in sides:
-        out[f"{k}_gflops"] = round(step_flops / med[k] / 1e9, 1)
-        out[f"{k}_fraction_of_matmul"] = round(step_flops / med[k] / mm_flops, 3)
+            w, c = timed(fn, steps if k != "matmul" else max(3, steps // 4))
+            wall[k].append(w)
+            cpu[k].append(c)
+    out: dict = {}
+    for clock, per in (("", wall), ("cpu_", cpu)):
+        med = {k: statistics.median(v) for k, v in per.items()}
+        mm_flops = 2 * MATMUL_N ** 3 / med["matmul"]
+        out.update({f"{clock}{k}_ms": round(1000 * med[k], 2) for k in sides})
+        for k in sides:
+            if k != "ref":  # median of the per-block ratios: a load burst hits one block
+                out[f"{clock}speedup_{k}"] = round(statistics.median(
+                    r / n for r, n in zip(per["ref"], per[k], strict=True)), 3)
+        out[f"{clock}matmul_gflops"] = round(mm_flops / 1e9, 1)
+        for k in sides:
+            out[f"{clock}{k}_fraction_of_matmul"] = round(step_flops / med[k] / mm_flops, 3)
     return out
 
 
