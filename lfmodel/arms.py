@@ -373,8 +373,8 @@ def trim(design: Design, cost: RunCost, cpu_budget_s: float,
     for step in trim_steps(best_baselines):
         while d.cpu_seconds(cost) > cpu_budget_s:
             nxt = step(d)
-            if nxt is None:
-                break
+            if nxt is None or nxt.cpu_seconds(cost) >= d.cpu_seconds(cost):
+                break  # nothing left to cut here (or a cut that saves nothing: no endless loop)
             d = nxt
     if d.cpu_seconds(cost) > cpu_budget_s:
         d = replace(d, notes=(*d.notes, f"does not fit: {d.cpu_seconds(cost) / 3600:.2f} "
