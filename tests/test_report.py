@@ -1,0 +1,170 @@
+"""The study report (lfmodel.report) on synthetic run tables with planted, known answers."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lfmodel import report
+
+SEEDS = list(range(6))
+# excess-loss offsets per arm at sparsity 0.8 (static is the best baseline by construction)
+OFFSET = {"static": 0.0, "gradual": 0.05, "rigl": 0.05, "small_dense": 0.05,
+          "adaptive": 0.1, "interval": 0.0, "seed_dsd": -0.1}
+
+
+def synthetic_runs(drop: tuple = (), matched: bool = False) -> pd.DataFrame:
+    """Seeds differ a lot (sd 0.05), pairs little (sd 0.005): paired tests see the offsets."""
+    rng = np.random.default_rng(0)
+    seed_eff = rng.normal(0, 0.05, len(SEEDS))
+    rows = []
+
+    def add(arm, s, seed, budget=1, lam=0.01, bal=0.0, excess=None, sparsity=None, **extra):
+        rows.append({"run_id": f"r{len(rows):03d}", "parent_run_id": "P123", "arm": arm,
+                     "target_sparsity": s, "budget": budget, "seed": seed,
+                     "lambda_entropy": lam, "lambda_balance": bal,
+                     "excess_loss": excess, "sparsity": s if sparsity is None else sparsity,
+                     "token_entropy": 0.7, **extra})
+
+    for seed in SEEDS:
+        base = 0.2 + seed_eff[seed]
+        add("dense", np.nan, seed, excess=base - 0.05 + rng.normal(0, 0.005), sparsity=0.0)
+        for arm, off in OFFSET.items():
+            if (arm, seed) in drop:
+                continue
+            add(arm, 0.8, seed, excess=base + off + rng.normal(0, 0.005))
+        add("static", 0.5, seed, excess=base - 0.02 + rng.normal(0, 0.005))
+        add("adaptive_bare", np.nan, seed, excess=base + rng.normal(0, 0.005),
+            sparsity=0.62 + rng.normal(0, 0.01))
+        if matched:
+            add("static_matched", 0.62, seed, excess=base - 0.05 + rng.normal(0, 0.005))
+        for lam in (-0.05, 0.0, 0.01, 0.05):
+            for bal in (0.0, 0.1):
+                if lam == 0.01 and bal == 0.0:
+                    continue  # the dense arm's own run
+                mi = 0.1 + (2 * lam if bal else 0.0)  # specialization only with balance on
+                add("dense", np.nan, seed, lam=lam, bal=bal, sparsity=0.0,
+                    excess=base - 0.05 + rng.normal(0, 0.005),
+                    token_entropy=0.7 - 5 * lam + rng.normal(0, 0.01),
+                    **{f"block{i}.{m}": v + rng.normal(0, 0.002) for i in (0, 1) for m, v in
+                       (("expert_regime_mi", mi), ("expert_token_mi", 0.3),
+                        ("usage_entropy", 1.3), ("top_share", 0.3), ("dead_share", 0.0))})
+    return pd.DataFrame(rows)
+
+
+def synthetic_curves(runs: pd.DataFrame, spiky: str) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    parts = []
+    for rid in runs["run_id"]:
+        step = np.arange(1, 1001)
+        loss = 3.0 * np.exp(-step / 300) + 2.4 + rng.normal(0, 0.01, 1000)
+        if rid == spiky:
+            loss[[300, 600, 900]] += 1.0  # three planted spikes
+        val = np.full(1000, np.nan)
+        val[99::100] = [3.0, 2.9, 2.8, 2.7, 2.6, 2.5, 2.45, 2.5, 2.42, 2.44]
+        parts.append(pd.DataFrame({"run_id": rid, "step": step, "train_loss": loss,
+                                   "val_loss": val}))
+    return pd.concat(parts, ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    runs = synthetic_runs(drop=(("adaptive", 5),))
+    out = tmp_path_factory.mktemp("study")
+    spiky = runs[(runs["arm"] == "adaptive") & (runs["seed"] == 0)]["run_id"].item()
+    report.build_report(runs, synthetic_curves(runs, spiky), out, wall_s=5400.0, cpu_s=10800.0)
+    return runs, out, spiky
+
+
+def test_planted_effects_give_known_verdicts(built):
+    _, out, _ = built
+    c = pd.read_csv(out / "comparisons.csv")
+    at = lambda claim: c[(c["claim"] == claim) & (c["target_sparsity"] == 0.8)].iloc[0]  # noqa: E731
+    assert at("adaptive")["baseline"] == "static"  # the best baseline at 0.8
+    assert at("adaptive")["verdict"] == "opposite"  # planted 0.1 worse
+    assert at("adaptive")["mean_diff"] == pytest.approx(0.1, abs=0.01)
+    assert at("seed_dsd")["verdict"] == "holds"  # planted 0.1 better
+    assert at("interval")["verdict"].startswith("no effect detected (interval width")
+    # 0.5 has only static: nothing to compare there
+    assert set(c[c["claim"] == "adaptive"]["target_sparsity"]) == {0.8}
+    v = (out / "verdict.md").read_text()
+    assert "adaptive (floor on) vs the best baseline, excess loss: **opposite**" in v
+    assert "DSD) vs the best baseline, excess loss: **holds**" in v
+    assert "interval surge-collapse vs the best baseline, excess loss: **no effect detected" in v
+    assert v.count("## Seed") == 3  # one section per seed claim
+
+
+def test_missing_seed_named_and_everything_traceable(built):
+    runs, out, _ = built
+    t = pd.read_csv(out / "table.csv", keep_default_na=False)
+    row = t[(t["arm"] == "adaptive") & (t["target_sparsity"] == "0.8")].iloc[0]
+    assert row["missing_seeds"] == "5" and row["n"] == 5
+    assert (t[t["arm"] == "static"]["missing_seeds"] == "").all()
+    c = pd.read_csv(out / "comparisons.csv", keep_default_na=False)
+    assert c[c["claim"] == "adaptive"]["missing"].iloc[0] == "adaptive lacks 5"
+    r = pd.read_csv(out / "runs.csv")
+    assert sorted(r["run_id"]) == sorted(runs["run_id"]) and (r["parent_run_id"] == "P123").all()
+    assert t["n"].astype(int).sum() == len(report.main_runs(runs))
+    for f in ("table.md", "comparisons.md", "verdict.md", "lambda.md"):
+        text = (out / f).read_text()
+        assert "parent run(s): P123" in text and "90.0 min" in text and "3.00 CPU-hours" in text
+    assert (out / "excess_loss.png").stat().st_size > 0 and (out / "lambda.png").stat().st_size > 0
+
+
+def test_stability_measures_per_run(built):
+    _, out, spiky = built
+    r = pd.read_csv(out / "runs.csv").set_index("run_id")
+    assert r.loc[spiky, "loss_spikes"] == 3
+    assert (r.drop(index=spiky)["loss_spikes"] == 0).all()
+    assert r["val_range_last20"].tolist() == pytest.approx([2.5 - 2.42] * len(r))  # steps 800-1000
+    s = pd.read_csv(out / "stability.csv")
+    assert {"std", "range", "loss_spikes_mean", "val_range_last20_mean"} <= set(s.columns)
+    c = pd.read_csv(out / "comparisons.csv")
+    assert set(c[c["claim"] == "stability"]["measure"]) == {"loss_spikes", "val_range_last20"}
+
+
+def test_lambda_substudy(built):
+    _, out, _ = built
+    c = pd.read_csv(out / "comparisons.csv")
+    spec = c[c["claim"] == "specialization"].set_index(["arm", "lambda_balance"])["verdict"]
+    assert spec[("lambda=0.05", 0.1)] == "holds" and spec[("lambda=0.01", 0.1)] == "holds"
+    assert spec[("lambda=0.05", 0.0)].startswith("no effect detected")
+    div = c[c["claim"] == "diversity"]
+    assert (div["verdict"] == "holds").all() and len(div) == 2
+    lt = pd.read_csv(out / "lambda.csv")
+    assert len(lt) == 8 and (lt["n"] == len(SEEDS)).all()
+    for col in ("block0.expert_regime_mi_mean", "block1.dead_share_mean", "block1.top_share_std"):
+        assert col in lt.columns
+    row = lt[(lt["lambda_entropy"] == 0.05) & (lt["lambda_balance"] == 0.1)].iloc[0]
+    assert row["block0.expert_regime_mi_mean"] == pytest.approx(0.2, abs=0.003)
+    assert report.layer_metric(1, "expert_token_mi") == "block1.expert_token_mi"
+
+
+def test_bare_controller_matched_or_nearest(tmp_path):
+    runs = synthetic_runs()
+    main = report.main_runs(runs)
+    cmp, note = report.bare_comparison(main, 2000)
+    assert "NOT matched" in note and "0.5" in note and cmp["baseline"].iloc[0] == "static"
+    assert cmp["mean_diff"].iloc[0] == pytest.approx(0.02, abs=0.006)  # vs static at 0.5
+    cmp, note = report.bare_comparison(report.main_runs(synthetic_runs(matched=True)), 2000)
+    assert "matched at 0.62" in note and cmp["baseline"].iloc[0] == "static_matched"
+    assert cmp["verdict"].iloc[0] == "opposite"  # planted 0.05 worse than matched static
+
+
+def test_claim_verdict_summaries():
+    t = lambda *v: pd.DataFrame({"verdict": v, "ci_low": -0.1, "ci_high": 0.2})  # noqa: E731
+    assert report.claim_verdict(t("holds", "holds")) == "holds"
+    assert report.claim_verdict(t("holds", "no effect detected (x)")).startswith("holds in 1 of 2")
+    assert report.claim_verdict(t("holds", "opposite")).startswith("mixed")
+    assert report.claim_verdict(t("no effect detected (x)")) == (
+        "no effect detected (corrected interval widths 0.3 to 0.3)")
+    assert report.claim_verdict(pd.DataFrame()) == "not tested"
+
+
+def test_bad_table_writes_nothing(tmp_path):
+    runs = synthetic_runs().drop(columns=["parent_run_id"])
+    with pytest.raises(ValueError, match="lacks columns \\['parent_run_id'\\]"):
+        report.build_report(runs, out=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    dup = pd.concat([synthetic_runs()] * 2, ignore_index=True)
+    with pytest.raises(ValueError, match="several runs for one design point"):
+        report.build_report(dup, out=tmp_path / "s")
