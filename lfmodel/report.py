@@ -194,7 +194,12 @@ def claims(runs: pd.DataFrame, n_resamples: int = N_RESAMPLES) -> list[Claim]:
                       ("interval", "interval surge-collapse vs the best baseline, excess loss"),
                       ("seed_dsd", "the seed's schedule as written (DSD) vs the best baseline, "
                                    "excess loss")):
-        out.append(Claim(arm, s000g, text, _versus_baselines(main, arm, METRIC, n_resamples)))
+        ends = main[main["arm"] == arm].groupby(list(GROUP))["sparsity"].mean()
+        note = ("" if arm != "seed_dsd" or ends.empty else "measured final sparsity " + ", ".join(
+            f"{v:.3f} at target {k[0]:g}, {k[1]}x ({'dense' if v < 0.01 else 'sparse'})"
+            for k, v in ends.items()))
+        out.append(Claim(arm, s000g, text, _versus_baselines(main, arm, METRIC, n_resamples),
+                         note))
     bare, note = bare_comparison(main, n_resamples)
     out.append(Claim("adaptive_bare", s000g, "bare controller (floor off) vs static at the "
                      "sparsity it reached, excess loss", bare, note))

@@ -88,7 +88,8 @@ def test_planted_effects_give_known_verdicts(built):
     assert set(c[c["claim"] == "adaptive"]["target_sparsity"]) == {0.8}
     v = (out / "verdict.md").read_text()
     assert "adaptive (floor on) vs the best baseline, excess loss: **opposite**" in v
-    assert "DSD) vs the best baseline, excess loss: **holds**" in v
+    assert "DSD) vs the best baseline, excess loss: **holds** (measured final sparsity 0.800 " \
+        "at target 0.8, 1x (sparse))" in v
     assert "interval surge-collapse vs the best baseline, excess loss: **no effect detected" in v
     assert v.count("## Seed") == 3  # one section per seed claim
 
