@@ -188,6 +188,12 @@ def run_tags(params_path: str = "params.yaml", data_dir: str = "data/prepared") 
         "params_hash": file_hash(params_path),
         "data_hash": file_hash(data_dir),
         **{f"version.{lib}": metadata.version(lib) for lib in ("torch", "mlflow", "dvc")},
+        # --- lfmodel sweep hook (H3, issue 11): set by `lfmodel sweep` so the run nests under
+        # the sweep's parent run in the UI and names its sweep and Ray node.
+        "mlflow.parentRunId": os.environ.get("LFMODEL_PARENT_RUN_ID", ""),
+        "lfmodel.sweep_id": os.environ.get("LFMODEL_SWEEP_ID", ""),
+        "lfmodel.node_id": os.environ.get("LFMODEL_NODE_ID", ""),
+        # --- end sweep hook
     }
     return resolve_tags({k: v for k, v in tags.items() if v})
 
