@@ -246,7 +246,7 @@ def _wait_nodes(address: str, n: int, proc: subprocess.Popen, seconds: float = 1
         assert proc.poll() is None, f"ray start exited with {proc.returncode}"
         out = subprocess.run([str(BIN / "ray"), "status", "--address", address],
                              capture_output=True, text=True, env=_env()).stdout
-        if out.count("node_") >= n and f"0.0/{n}.0 CPU" in out.replace(" ", ""):
+        if out.count(" node_") >= n and f"/{n}.0 CPU" in out:
             return
         time.sleep(2)
     raise AssertionError(f"Ray cluster at {address} did not reach {n} nodes: {out}")
@@ -312,3 +312,62 @@ def test_ray_two_nodes(dvc_repo, tmp_path, tracking_server, ray_cluster):
     nodes = {r.data.tags.get("lfmodel.node_id") for r in runs.values()
              if r.info.status == "FINISHED"}
     assert len(nodes) == 2, nodes  # both nodes did work
+
+
+def _tree(pgid: int) -> list:
+    """Every process of a process group and all their descendants (psutil.Process)."""
+    import psutil
+
+    procs = {}
+    for pid in _group_pids(pgid):
+        try:
+            p = psutil.Process(pid)
+            procs[pid] = p
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.Error:
+            pass
+    return list(procs.values())
+
+
+def test_ray_worker_node_killed(dvc_repo, tmp_path, tracking_server, ray_cluster):
+    """SIGKILL the worker node (its processes, by pid) while its task trains: Ray retries the
+    task on the head; 4 experiments, 4 FINISHED runs, the killed attempt's run not RUNNING."""
+    import re
+    import time
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    repo, bare = _cluster_repo(dvc_repo, tmp_path)
+    worker = ray_cluster["worker"]
+    node = next(m.group(1) for p in _tree(worker.pid)
+                for m in [re.search(r"--node_id=(\w+)", " ".join(p.cmdline()))] if m)
+    env = _env({"MLFLOW_TRACKING_URI": tracking_server["uri"], "PYTHONPATH": str(repo)})
+    driver = subprocess.Popen([LFMODEL, "sweep", *GRID4, "--set", "train.steps=300", "--name",
+                               "rk", "--backend", "ray", "--address", ray_cluster["address"]],
+                              cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    try:
+        client = MlflowClient(tracking_server["uri"])
+        deadline, killed = time.time() + 600, None
+        while killed is None and time.time() < deadline and driver.poll() is None:
+            exp = client.get_experiment_by_name("entropy-dynamics")
+            runs = client.search_runs([exp.experiment_id], f"tags.`lfmodel.node_id` = '{node}' "
+                                      "and attributes.status = 'RUNNING'") if exp else []
+            if runs:
+                killed = runs[0]
+                for p in _tree(worker.pid):
+                    try:
+                        p.kill()
+                    except psutil.Error:
+                        pass
+            time.sleep(0.5)
+        assert killed is not None, "no task ran on the worker node"
+        out, _ = driver.communicate(timeout=1200)
+        assert driver.returncode == 0, out
+        assert "results == grid (4 experiments" in out, out
+    finally:
+        _stop_group(driver)
+    _check_records(repo, bare, tmp_path, tracking_server["uri"], "rk")  # 4 FINISHED, no dups
+    again = client.get_run(killed.info.run_id)
+    assert again.info.status in ("FAILED", "KILLED"), again.info.status
