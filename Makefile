@@ -40,14 +40,14 @@ test: setup-cluster  ## run the test suite
 lint: setup
 	$(BIN)/ruff check lfmodel stages tests bench
 
-ui: setup  ## MLflow UI on 127.0.0.1:5000 against the default store
-	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --workers 1 --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts
+ui: setup  ## MLflow UI on 127.0.0.1:5000 against the store the stages use
+	$(BIN)/lfmodel ui --port 5000
 
 bench: setup  ## benchmarks: one JSON line each
 	@for b in bench/[!_]*.py; do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$b || exit 1; done
 
-study: setup  ## queue the study grid through dvc exp and build reports/study/
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m lfmodel.study
+study: setup  ## the study grid as a local lfmodel sweep, then reports/study/
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/lfmodel study
 
 clean:
 	rm -rf data/prepared data/model data/checkpoints reports/train reports/traces reports/figures

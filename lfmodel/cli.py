@@ -46,13 +46,10 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    if hasattr(tracking, "ui_command"):  # H2b's: the store the stages use
+    try:
         cmd = tracking.ui_command("127.0.0.1", args.port)
-    else:
-        root = tracking.repo_root()
-        cmd = [str(Path(sys.executable).parent / "mlflow"), "ui", "--host", "127.0.0.1", "--port",
-               str(args.port), "--workers", "1", "--backend-store-uri", tracking.tracking_uri(),
-               "--default-artifact-root", str(root / "mlartifacts")]
+    except ValueError as err:  # a server URI: it has its own UI
+        raise sweep.SweepError(str(err)) from None
     return subprocess.call(cmd)
 
 
