@@ -104,7 +104,9 @@ def test_missing_seed_named_and_everything_traceable(built):
     assert c[c["claim"] == "adaptive"]["missing"].iloc[0] == "adaptive lacks 5"
     r = pd.read_csv(out / "runs.csv")
     assert sorted(r["run_id"]) == sorted(runs["run_id"]) and (r["parent_run_id"] == "P123").all()
-    assert t["n"].astype(int).sum() == len(report.main_runs(runs))
+    lambda_runs = (runs["lambda_entropy"] != 0.01) | (runs["lambda_balance"] != 0)
+    assert t["n"].astype(int).sum() == len(runs) - lambda_runs.sum()  # lambda runs apart
+    assert t[t["arm"] == "dense"]["n"].astype(int).tolist() == [len(SEEDS)]
     for f in ("table.md", "comparisons.md", "verdict.md", "lambda.md"):
         text = (out / f).read_text()
         assert "parent run(s): P123" in text and "90.0 min" in text and "3.00 CPU-hours" in text
