@@ -32,7 +32,7 @@ from pathlib import Path
 PORT = 5001
 PG_USER = "postgres"
 DB_NAME = "mlflow"
-PREFLIGHT_SECONDS = 15.0
+PREFLIGHT_SECONDS = 10.0
 
 
 class ServerError(RuntimeError):
