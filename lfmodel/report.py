@@ -306,7 +306,9 @@ def figures(runs: pd.DataFrame, out: Path, n_resamples: int) -> None:
                              squeeze=False)
     for ax, b in zip(axes[0], budgets, strict=True):
         sub = main[main["budget"] == b]
+        arms_here = sorted(set(sub["arm"]) - {"dense"})
         for arm, g in sub.groupby("arm"):
+            shift = 0.004 * (arms_here.index(arm) - len(arms_here) / 2) if arm != "dense" else 0
             if arm == "dense":
                 lo, hi = _interval(g[METRIC].to_numpy(float), n_resamples)
                 ax.axhspan(lo, hi, color="grey", alpha=0.3, label="dense")
@@ -320,10 +322,10 @@ def figures(runs: pd.DataFrame, out: Path, n_resamples: int) -> None:
                 pts = [g[g["target_sparsity"] == s][METRIC].to_numpy(float) for s in xs]
             means = np.array([p.mean() for p in pts])
             iv = np.array([_interval(p, n_resamples) for p in pts]).reshape(-1, 2)
-            ax.errorbar(x, means, yerr=[means - iv[:, 0], iv[:, 1] - means], marker="o",
+            ax.errorbar(x + shift, means, yerr=[means - iv[:, 0], iv[:, 1] - means], marker="o",
                         capsize=3, label=arm)
         ax.set_title(f"budget {b}x")
-        ax.set_xlabel("target sparsity (bare controller: reached)")
+        ax.set_xlabel("target sparsity (bare controller: reached; arms side by side)")
         ax.set_xticks(list(SPARSITIES))
     axes[0][0].set_ylabel("excess loss (test - bayes, nats)")
     axes[0][-1].legend(fontsize=7)
