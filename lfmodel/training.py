@@ -97,6 +97,7 @@ class Trainer:
         self.lr_scale = 1.0      # the adaptive controller's "energy" multiplies the lr
         self.current_lr = self.lr_at(1)
         self.losses: list[float] = []   # every step's task loss: the stability measure
+        self._pending: list[tuple[int, Tensor]] = []  # (step, [task, total]) not yet in losses
         self.lrs: list[float] = []      # every step's lr, energy boosts included
         self.events: list[dict] = []
         self.val_history: list[tuple[int, float]] = []
@@ -147,9 +148,10 @@ class Trainer:
             out, gates = self.model(self.train_x[idx], return_gates=True)
             task = task_loss(out, self.train_y[idx])
             loss, parts = regularized_loss(task, gates, cfg.lambda_entropy, cfg.lambda_balance)
-            value = task.item()
-            if not (math.isfinite(value) and math.isfinite(loss.item())):
-                raise DivergenceError(step, value)
+            self._pending.append((step, torch.stack([task.detach(), loss.detach()])))
+            evaluate = step % cfg.eval_every == 0 or step == cfg.steps
+            if monitor or evaluate:
+                self.sync()   # a step that logs: check before the update, as every step did
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             n_events = len(self.events)
@@ -163,21 +165,38 @@ class Trainer:
             self.optimizer.step()
             self.masks.apply()
             self.step = step
-            self.losses.append(value)
             self.lrs.append(self.current_lr)
             metrics: dict[str, float] = {}
             if monitor or len(self.events) > n_events:
+                self.sync()
                 metrics.update(self.snapshot(loss, task, parts, monitor))
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if evaluate:
                 val = self.evaluate()
                 self.val_history.append((step, val))
                 metrics["loss/val"] = val
-                bar.set_postfix(loss=f"{value:.3f}", val=f"{val:.3f}")
+                bar.set_postfix(loss=f"{self.losses[-1]:.3f}", val=f"{val:.3f}")
             self._call("on_step_end", step, metrics)
             bar.update(1)
         bar.close()
+        self.sync()
         self._call("on_train_end")
         return self
+
+    def sync(self) -> None:
+        """Move the task losses of the steps since the last sync to `losses` (one host
+        transfer) and stop at the first non-finite loss: the divergence guard. A step that does
+        not log never waits for the device; a diverged run is caught at the next log step, or
+        by state_dict (a checkpoint), whichever comes first, and the error names the first
+        non-finite step. Checkpointer.save refuses non-finite weights on its own as well."""
+        if not self._pending:
+            return
+        steps = [s for s, _ in self._pending]
+        values = torch.stack([v for _, v in self._pending]).tolist()
+        self._pending.clear()
+        for step, (task, total) in zip(steps, values, strict=True):
+            if not (math.isfinite(task) and math.isfinite(total)):
+                raise DivergenceError(step, task)
+            self.losses.append(task)
 
     def snapshot(self, loss: Tensor, task: Tensor, parts: dict[str, Tensor],
                  monitored: bool) -> dict[str, float]:
@@ -213,6 +232,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
+        self.sync()
         return {
             "step": self.step, "lr_scale": self.lr_scale, "losses": list(self.losses),
             "lrs": list(self.lrs),

@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
+from lfmodel.checkpoint import Checkpointer, load_state
 from lfmodel.config import validate
 from lfmodel.data import bigram_loss, prepare_regimes, unigram_loss
 from lfmodel.entropy import gate_entropies
 from lfmodel.models import AutoRegressiveModel, LFModel
 from lfmodel.sparsity import build_schedule
-from lfmodel.training import TrainConfig, Trainer, seed_everything
+from lfmodel.training import DivergenceError, TrainConfig, Trainer, seed_everything
 
 V = 8
 DATA = {"num_regimes": 2, "vocab_size": V, "dirichlet_alpha": 0.2, "switch_prob": 1 / 32,
@@ -200,3 +201,32 @@ def test_trainer_series_regression():
             adapt_rank=2)):
         trainer = Trainer(model, data, data, config(40)).fit()
         assert trainer.evaluate() < 0.5 * trainer.losses[0]
+
+
+class NaNAfter:
+    """Fills the first weight with NaN after step `at - 1`, so step `at` has a non-finite loss."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, trainer, step, metrics):
+        if step == self.at - 1:
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(math.nan)
+
+
+def test_divergence_between_log_steps_stops_at_the_next_and_names_the_first(regimes, tmp_path):
+    """Non-finite loss at step 23, log steps every 5: training stops at the log step 25 (no
+    per-step host sync), the error names step 23, no checkpoint holds non-finite weights (the
+    one due at step 24 is refused) and `losses` holds exactly the 22 finite steps."""
+    splits, _ = regimes
+    ckpt = Checkpointer(tmp_path, 8, "fp")
+    trainer = Trainer(lfm(0), splits["train"], splits["val"], config(40, log_every=5),
+                      [NaNAfter(23), ckpt])
+    with pytest.raises(DivergenceError, match="at step 23") as err:
+        trainer.fit()
+    assert err.value.step == 23 and trainer.step == 24
+    assert len(trainer.losses) == 22 and all(math.isfinite(v) for v in trainer.losses)
+    state = load_state(tmp_path / "last.safetensors")
+    assert state["trainer"]["step"] == 16
+    assert all(bool(torch.isfinite(t).all()) for t in state["trainer"]["model"].values())

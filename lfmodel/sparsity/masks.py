@@ -98,18 +98,19 @@ class MaskSet:
     # -- the per-step invariant
     @torch.no_grad()
     def mask_grads(self) -> None:
+        """grad *= mask for every prunable weight, in one fused multi-tensor op."""
         if not self.enabled:
             return
-        for n, p in self.params.items():
-            if p.grad is not None:
-                p.grad.mul_(self.masks[n])
+        named = [(p.grad, self.masks[n]) for n, p in self.params.items() if p.grad is not None]
+        if named:
+            grads, masks = zip(*named, strict=True)
+            torch._foreach_mul_(list(grads), list(masks))
 
     @torch.no_grad()
     def apply(self) -> None:
-        if not self.enabled:
-            return
-        for n, p in self.params.items():
-            p.mul_(self.masks[n])
+        """weight *= mask for every prunable weight, in one fused multi-tensor op."""
+        if self.enabled:
+            torch._foreach_mul_(list(self.params.values()), [self.masks[n] for n in self.params])
 
     @torch.no_grad()
     def _zero_state(self, name: str, where: Tensor) -> None:
