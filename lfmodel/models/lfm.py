@@ -96,9 +96,10 @@ class MixtureOfExperts(nn.Module):
 
     `gates` keeps the last [B, S, E] gate probabilities for the entropy loss and logging:
     token_entropy = mean_t H(g_t), usage_entropy = H(mean_t g_t) (lfmodel.entropy).
-    All experts run together: their first layers as one matmul on the concatenated weights
-    (per expert only while the controller adds input noise to some of them), the low-rank
-    modulation as one batched matmul, and sum_e g_e (W2_e h_e + b2_e) as one matmul of the
+    All experts run together (each Expert still holds its own weights, so masks, groups and
+    checkpoints are per expert): the first layers as one matmul, [x, m * down(x)] against
+    [W_1; ...; W_E | block_diag(up_1, ..., up_E)] (per expert only while the controller adds
+    input noise to some of them), and sum_e g_e (W2_e h_e + b2_e) as one matmul of the
     gate-scaled activations against the second layers side by side, plus g @ b2.
     """
 
