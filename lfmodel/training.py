@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lfmodel.entropy import regularized_loss
 from lfmodel.models import groups
+from lfmodel.runtime import set_threads
 from lfmodel.sparsity.masks import MaskSet
 
 
@@ -61,9 +62,9 @@ class TrainConfig:
                    eval_every=t["eval_every"], log_every=t["log_every"], seed=params["seed"])
 
 
-def seed_everything(seed: int, threads: int) -> None:
-    """One seed for python, numpy and torch; fixed thread count (float sums depend on it;
-    0 leaves torch's own count, as train.threads 0 does).
+def seed_everything(seed: int, threads: int) -> int:
+    """One seed for python, numpy and torch; a thread count fixed for the whole run (float sums
+    depend on it; 0 chooses it from the free cores, lfmodel.runtime). Returns the count used.
 
     Not `torch.use_deterministic_algorithms`: the CPU kernels used here are deterministic for a
     fixed thread count already, and that call imports torch's compiler (~5 s per stage).
@@ -71,8 +72,7 @@ def seed_everything(seed: int, threads: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    return set_threads(threads)
 
 
 def task_loss(out: Tensor, y: Tensor) -> Tensor:
@@ -86,8 +86,11 @@ class Trainer:
     def __init__(self, model: nn.Module, train: dict[str, Tensor], val: dict[str, Tensor],
                  cfg: TrainConfig, hooks: list[Any] | None = None) -> None:
         self.model, self.cfg, self.hooks = model, cfg, list(hooks or [])
-        self.train_x, self.train_y = train["inputs"], train["targets"]
-        self.val_x, self.val_y = val["inputs"], val["targets"]
+        # the model's device is the run's: data moves there once; the generators stay on the
+        # CPU so the same seed draws the same batches on any device (lfmodel.runtime)
+        self.device = next(model.parameters()).device
+        self.train_x, self.train_y = train["inputs"].to(self.device), train["targets"].to(self.device)
+        self.val_x, self.val_y = val["inputs"].to(self.device), val["targets"].to(self.device)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
                                           weight_decay=cfg.weight_decay)
         self.masks = MaskSet(model, self.optimizer)
@@ -144,7 +147,7 @@ class Trainer:
                 g.monitor = monitor
             self.model.train()
             idx = torch.randint(0, self.train_x.shape[0], (cfg.batch_size,),
-                                generator=self.generator)
+                                generator=self.generator).to(self.device)
             out, gates = self.model(self.train_x[idx], return_gates=True)
             task = task_loss(out, self.train_y[idx])
             loss, parts = regularized_loss(task, gates, cfg.lambda_entropy, cfg.lambda_balance)
@@ -238,6 +241,8 @@ class Trainer:
             "lrs": list(self.lrs),
             "events": list(self.events), "val_history": list(self.val_history),
             "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state(self.device)}
+               if self.device.type == "cuda" else {}),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "masks": self.masks.state_dict(), "masks_enabled": self.masks.enabled,
             "hooks": {type(h).__name__: h.state_dict() for h in self.hooks
@@ -255,6 +260,8 @@ class Trainer:
         self.val_history = [tuple(v) for v in state["val_history"]]
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         for h in self.hooks:
             if hasattr(h, "load_state_dict") and type(h).__name__ in state["hooks"]:
                 h.load_state_dict(state["hooks"][type(h).__name__])

@@ -37,7 +37,7 @@ def kth_in_band(flat: Tensor, k: int) -> Tensor | None:
     A sample brackets the value in [lo, hi]; if #(< lo) < k <= #(< lo) + #(in band), which the
     counts verify, the answer is the (k - #(< lo))-th value of the band."""
     n = flat.numel()
-    sample = flat[sample_positions(n)].sort().values
+    sample = flat[sample_positions(n).to(flat.device)].sort().values
     m = sample.numel()
     q = k / n
     margin = 8 * math.sqrt(q * (1 - q) / m) + 2 / m
@@ -66,9 +66,9 @@ def lowest_k(scores: Tensor, k: int) -> Tensor:
     flat = scores.reshape(-1)
     n = flat.numel()
     if k <= 0:
-        return torch.zeros(scores.shape, dtype=torch.bool)
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if k >= n:
-        return torch.ones(scores.shape, dtype=torch.bool)
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     thr = kth_smallest(flat, k)
     out = flat < thr
     need = k - _count(out)
@@ -91,7 +91,8 @@ class MaskSet:
         self.params: dict[str, nn.Parameter] = {
             n: p for g in self.groups.values() for n, p in g.items()}
         self.masks: dict[str, Tensor] = {
-            n: torch.ones(p.shape, dtype=torch.bool) for n, p in self.params.items()}
+            n: torch.ones(p.shape, dtype=torch.bool, device=p.device)
+            for n, p in self.params.items()}
         self.optimizer = optimizer
         self.enabled = False  # nothing to do until the first collapse
 
@@ -200,13 +201,13 @@ class MaskSet:
             if how == "gradient":
                 g = self._grad(n).reshape(-1)[pruned_idx].abs()
                 chosen = pruned_idx[torch.topk(g, k).indices]
-                values = torch.zeros(k)
+                values = torch.zeros(k, device=p.device)
             else:
                 perm = torch.randperm(pruned_idx.numel(), generator=generator)[:k]
-                chosen = pruned_idx if how == "all" else pruned_idx[perm]
+                chosen = pruned_idx if how == "all" else pruned_idx[perm.to(p.device)]
                 active = p[mask]
                 sigma = float(active.std()) if active.numel() > 1 else 0.0
-                values = torch.randn(k, generator=generator) * (noise_scale * sigma)
+                values = torch.randn(k, generator=generator).to(p.device) * (noise_scale * sigma)
             _put(mask, chosen, True)
             _put(p, chosen, values.to(p.dtype))
             revived += k
@@ -238,7 +239,7 @@ class MaskSet:
 
     def load_state_dict(self, masks: dict[str, Tensor]) -> None:
         for n in self.masks:
-            self.masks[n] = masks[n].to(torch.bool).contiguous().clone()
+            self.masks[n] = masks[n].to(self.params[n].device, torch.bool).contiguous().clone()
         self.enabled = any(not bool(m.all()) for m in self.masks.values())
 
     def save(self, path: str | Path) -> None:

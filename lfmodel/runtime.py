@@ -1,0 +1,79 @@
+"""Where a run executes: the device (`train.device`) and the torch thread count (`train.threads`).
+
+Threads. On a small model, torch's intra-op threads spin while they wait for work; two runs
+with 2 threads each on 2 cores stall each other (measured: a 74 s train took over 8 minutes
+beside another). `train.threads: 0` (the default) therefore picks the count when the run
+starts: the usable cores divided by the number of lfmodel trainings running on this machine
+(this one included), at least 1. A lone `dvc repro` gets every core; two queued experiments
+(`dvc queue start -j 2`) get one core each. The count is chosen once and never changes during
+a run, and the train stage records it (MLflow param `train.threads_used`): the same params on
+the same device and thread count give the same numbers, so set `train.threads` explicitly to
+reproduce a run bit for bit on a busy machine.
+
+Device. `auto` is cuda when torch sees a GPU, else cpu. On cuda, determinism needs cuBLAS's
+fixed workspace (CUBLAS_WORKSPACE_CONFIG, set before CUDA starts) and
+`torch.use_deterministic_algorithms`; `select_device` sets both. The random generators stay on
+the CPU (batches, surge noise, sampling draw the same numbers on any device); what they draw
+is moved to the device.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+TRAIN_MODULE = "stages.train"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a cgroup or taskset limit)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def running_trainings() -> int:
+    """lfmodel train stages alive on this machine (python -m stages.train), this one included."""
+    import psutil
+
+    me, count = os.getpid(), 1
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = proc.info["cmdline"] or []
+        except (psutil.Error, KeyError):
+            continue
+        if proc.info["pid"] != me and "-m" in cmd and TRAIN_MODULE in cmd:
+            count += 1
+    return count
+
+
+def choose_threads(requested: int) -> int:
+    """`requested` if > 0; for 0, usable cores // running trainings (>= 1)."""
+    if requested > 0:
+        return requested
+    return max(1, usable_cores() // running_trainings())
+
+
+def set_threads(requested: int) -> int:
+    """Fix torch's intra-op thread count for this run; returns the count used."""
+    threads = choose_threads(requested)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def select_device(requested: str) -> torch.device:
+    """`auto` | `cpu` | `cuda` -> a torch.device; on cuda, deterministic kernels are switched on."""
+    name = "cuda" if requested == "auto" and torch.cuda.is_available() else requested
+    if name == "auto":
+        name = "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            print("train.device is cuda but torch sees no GPU", file=sys.stderr)
+            raise SystemExit(2)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    return torch.device(name)

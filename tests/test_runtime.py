@@ -1,0 +1,108 @@
+"""Device and thread choice (lfmodel.runtime) and the training state's device plumbing.
+
+The thread rule is tested against real processes: dummy `python -m stages.train` processes
+(a stages/train.py that only sleeps) are what a running training looks like to the rule.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lfmodel import runtime
+from lfmodel.config import validate
+from lfmodel.data import prepare_regimes
+from lfmodel.models import build_model
+from lfmodel.sparsity import build_schedule
+from lfmodel.training import TrainConfig, Trainer, seed_everything
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_explicit_thread_count_is_kept():
+    assert runtime.choose_threads(3) == 3
+    assert runtime.set_threads(1) == 1 and torch.get_num_threads() == 1
+
+
+def test_auto_threads_share_the_cores_among_running_trainings(tmp_path):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "train.py").write_text("import time\ntime.sleep(60)\n")
+    before = runtime.running_trainings()
+    procs = [subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=tmp_path)
+             for _ in range(3)]
+    try:
+        time.sleep(0.5)
+        running = runtime.running_trainings()
+        assert running == before + 3
+        assert runtime.choose_threads(0) == max(1, runtime.usable_cores() // running)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert runtime.running_trainings() == before
+
+
+def test_device_auto_and_cuda_without_gpu():
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert runtime.select_device("auto").type == want
+    assert runtime.select_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as err:
+            runtime.select_device("cuda")
+        assert err.value.code == 2
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_state_lives_on_the_device(device):
+    """After steps with a collapse and a surge, every tensor of the training state (weights,
+    grads, Adam moments, masks, data) is on the model's device, and masks survive a round trip
+    through a CPU state dict (what a checkpoint stores)."""
+    params = validate({"model": {"d_model": 16, "expert_dim": 16, "adapt_dim": 8, "adapt_rank": 2},
+                       "train": {"steps": 12, "batch_size": 8, "log_every": 4, "eval_every": 6},
+                       "surge": {"mode": "interval", "collapse_every": 4, "surge_every": 8}})
+    splits, meta = prepare_regimes({**params["data"], "n_train": 64, "n_val": 16, "n_test": 16,
+                                    "seq_len": 16}, seed=0)
+    seed_everything(0, 1)
+    dev = torch.device(device)
+    model = build_model(params["model"], meta["vocab_size"]).to(dev)
+    schedule = build_schedule(params["surge"], 12, 0)
+    trainer = Trainer(model, splits["train"], splits["val"], TrainConfig.from_params(params),
+                      [schedule])
+    trainer.fit()
+    assert trainer.masks.enabled
+    tensors = [*model.parameters(), *(p.grad for p in model.parameters() if p.grad is not None),
+               *trainer.masks.masks.values(), trainer.train_x, trainer.val_x]
+    tensors += [v for st in trainer.optimizer.state.values() for k, v in st.items()
+                if k != "step" and isinstance(v, torch.Tensor)]
+    assert {t.device.type for t in tensors} == {dev.type}
+    state = {n: m.cpu() for n, m in trainer.masks.state_dict().items()}
+    before = {n: m.clone().cpu() for n, m in trainer.masks.masks.items()}
+    for m in trainer.masks.masks.values():
+        m.fill_(True)
+    trainer.masks.load_state_dict(state)
+    for n, m in trainer.masks.masks.items():
+        assert m.device.type == dev.type and torch.equal(m.cpu(), before[n])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
+def test_cuda_same_params_same_numbers():
+    def losses() -> list[float]:
+        params = validate({"model": {"d_model": 16, "expert_dim": 16, "adapt_dim": 8},
+                           "train": {"steps": 20, "batch_size": 8}})
+        splits, meta = prepare_regimes({**params["data"], "n_train": 64, "n_val": 16,
+                                        "n_test": 16, "seq_len": 16}, seed=0)
+        seed_everything(0, 1)
+        dev = runtime.select_device("cuda")
+        model = build_model(params["model"], meta["vocab_size"]).to(dev)
+        trainer = Trainer(model, splits["train"], splits["val"],
+                          TrainConfig.from_params(params), [])
+        return trainer.fit().losses
+
+    assert losses() == losses()
