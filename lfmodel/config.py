@@ -26,7 +26,7 @@ import psutil
 import torch
 import yaml
 
-SURGE_MODES = ("dense", "static", "interval", "rigl", "adaptive")
+SURGE_MODES = ("dense", "static", "interval", "rigl", "adaptive", "gradual")
 DATA_SOURCES = ("regimes", "text", "series")
 ARCHS = ("lfm", "mlp")
 
@@ -47,12 +47,13 @@ DEFAULTS: dict[str, Any] = {
     "train": {
         "steps": 1000, "batch_size": 32, "lr": 0.015, "weight_decay": 0.0, "cosine": True,
         "warmup_steps": 50, "grad_clip": 1.0, "lambda_balance": 0.0, "eval_every": 100,
-        "log_every": 25, "checkpoint_every": 200, "threads": 2, "device": "auto",
+        "log_every": 25, "checkpoint_every": 200, "threads": 0, "device": "auto",
     },
     "surge": {
         "mode": "dense", "target_sparsity": 0.5, "scope": "layer", "start_fraction": 0.3,
         "collapse_every": 100, "surge_every": 200, "regrow": "random", "recovery": 0.1,
         "noise_scale": 0.5, "rigl_every": 50, "drop_fraction": 0.3, "rigl_end_fraction": 0.75,
+        "gradual_start_fraction": 0.1, "gradual_end_fraction": 0.6, "gradual_every": 25,
         "check_every": 50, "ema": 0.7, "high": 0.85, "low": 0.45, "step_sparsity": 0.1,
         "max_sparsity": 0.5, "energy_boost": 2.0, "energy_steps": 50, "pump_fraction": 0.1,
         "input_noise": 0.1, "noise_steps": 50, "plateau_window": 3, "plateau_eps": 0.005,
@@ -88,7 +89,9 @@ RANGES: dict[str, tuple] = {
     "surge.target_sparsity": _UNIT_OPEN, "surge.start_fraction": _UNIT,
     "surge.collapse_every": _POS, "surge.surge_every": _POS, "surge.recovery": _UNIT,
     "surge.noise_scale": _NONNEG, "surge.rigl_every": _POS, "surge.drop_fraction": _UNIT,
-    "surge.rigl_end_fraction": _UNIT, "surge.check_every": _POS, "surge.ema": _UNIT_OPEN,
+    "surge.rigl_end_fraction": _UNIT, "surge.gradual_start_fraction": _UNIT,
+    "surge.gradual_end_fraction": _UNIT, "surge.gradual_every": _POS,
+    "surge.check_every": _POS, "surge.ema": _UNIT_OPEN,
     "surge.high": _UNIT, "surge.low": _UNIT, "surge.step_sparsity": _UNIT_OPEN,
     "surge.max_sparsity": _UNIT_OPEN, "surge.energy_boost": _POS, "surge.energy_steps": _NONNEG,
     "surge.pump_fraction": _UNIT, "surge.input_noise": _NONNEG, "surge.noise_steps": _NONNEG,
@@ -255,6 +258,10 @@ def validate(raw: dict | None, base_dir: str | os.PathLike = ".") -> dict:
         raise ParamsError(f"'surge.start_fraction' ({surge['start_fraction']}) must be below "
                           f"'surge.rigl_end_fraction' ({surge['rigl_end_fraction']}) when "
                           "surge.mode is rigl (else it never rewires)")
+    if surge["mode"] == "gradual" and surge["gradual_start_fraction"] >= surge["gradual_end_fraction"]:
+        raise ParamsError(f"'surge.gradual_start_fraction' ({surge['gradual_start_fraction']}) must "
+                          f"be below 'surge.gradual_end_fraction' ({surge['gradual_end_fraction']}) "
+                          "when surge.mode is gradual (else there is no ramp)")
     if data["val_fraction"] + data["test_fraction"] >= 0.9:
         raise ParamsError("'data.val_fraction' + 'data.test_fraction' must leave training data")
     if params["train"]["device"] == "cuda" and not torch.cuda.is_available():

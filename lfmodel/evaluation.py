@@ -64,6 +64,7 @@ def trace(model: nn.Module, split: dict[str, torch.Tensor], batch_size: int = 25
     n, s = x.shape
     tokens = y.dtype == torch.long
     gs = groups(model)
+    device = next(model.parameters()).device  # batches go to the model; columns come back
     cols: dict[str, list[np.ndarray]] = {}
     captured: dict[str, torch.Tensor] = {}
 
@@ -85,7 +86,7 @@ def trace(model: nn.Module, split: dict[str, torch.Tensor], batch_size: int = 25
     try:
         with torch.no_grad():
             for i in range(0, n, batch_size):
-                xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+                xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
                 captured.clear()
                 out, gates = model(xb, return_gates=True)
                 b = xb.shape[0]

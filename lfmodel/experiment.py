@@ -21,6 +21,7 @@ from lfmodel.curves import CurvesHook
 from lfmodel.data import load_meta, load_split
 from lfmodel.faults import fault_hooks
 from lfmodel.models import build_model
+from lfmodel.runtime import select_device
 from lfmodel.sparsity import build_schedule
 from lfmodel.tracking import RUN_FILE, MLflowHook, file_hash, stage_run
 from lfmodel.training import DivergenceError, TrainConfig, Trainer, seed_everything
@@ -40,10 +41,11 @@ class TrainStopped(Exception):
 
 def train(params: dict) -> Trainer:
     """Train per params into data/model and reports/train; raises TrainStopped."""
-    seed_everything(params["seed"], params["train"]["threads"])
+    threads = seed_everything(params["seed"], params["train"]["threads"])
+    device = select_device(params["train"]["device"])
     meta = load_meta(DATA)
     train_split, val = load_split(DATA, "train"), load_split(DATA, "val")
-    model = build_model(params["model"], meta["vocab_size"])
+    model = build_model(params["model"], meta["vocab_size"]).to(device)
     cfg = TrainConfig.from_params(params)
     schedule = build_schedule(params["surge"], cfg.steps, params["seed"])
     ckpt = Checkpointer(CKPT, params["train"]["checkpoint_every"],
@@ -61,6 +63,7 @@ def train(params: dict) -> Trainer:
             mlflow_hook = MLflowHook(tracker, params["tracking"]["snapshot_every"], REPORTS)
             hooks = [schedule, curves, mlflow_hook, ckpt, *fault_hooks()]
             trainer = Trainer(model, train_split, val, cfg, hooks)
+            tracker.set_tags({"lfmodel.threads_used": threads, "lfmodel.device": str(device)})
             if resume:
                 ckpt.restore(trainer, resume)
                 mlflow_hook.event_counts = dict(Counter(e["rule"] for e in trainer.events))
@@ -68,7 +71,8 @@ def train(params: dict) -> Trainer:
             n_params = sum(p.numel() for p in model.parameters())
             print(f"train: {params['model']['arch']} ({n_params:,} parameters), "
                   f"surge.mode={params['surge']['mode']}, lambda_entropy={cfg.lambda_entropy}, "
-                  f"{cfg.steps} steps", flush=True)
+                  f"{cfg.steps} steps on {device} ({threads} thread{'s' * (threads > 1)})",
+                  flush=True)
             try:
                 trainer.fit()
             except DivergenceError as err:

@@ -6,7 +6,7 @@ beside another). `train.threads: 0` (the default) therefore picks the count when
 starts: the usable cores divided by the number of lfmodel trainings running on this machine
 (this one included), at least 1. A lone `dvc repro` gets every core; two queued experiments
 (`dvc queue start -j 2`) get one core each. The count is chosen once and never changes during
-a run, and the train stage records it (MLflow param `train.threads_used`): the same params on
+a run, and the train stage records it (MLflow tag `lfmodel.threads_used`): the same params on
 the same device and thread count give the same numbers, so set `train.threads` explicitly to
 reproduce a run bit for bit on a busy machine.
 

@@ -132,6 +132,7 @@ def generate(model: nn.Module, prompt_ids: Tensor, n: int, generator: torch.Gene
     per row), `entropy` and `varentropy` (float tensors like tokens).
     """
     single = prompt_ids.dim() == 1
+    device = next(model.parameters(), torch.empty(0)).device  # a parameter-free model: cpu
     ids = prompt_ids.unsqueeze(0) if single else prompt_ids
     was_training = model.training
     model.eval()
@@ -139,7 +140,9 @@ def generate(model: nn.Module, prompt_ids: Tensor, n: int, generator: torch.Gene
     try:
         for _ in range(n):
             window = ids if max_context is None else ids[:, -max_context:]
-            logits = model(window)[:, -1, :]
+            # the model runs on its device; the draw on the CPU, with the CPU generator, so
+            # the same seed samples the same tokens on any device
+            logits = model(window.to(device))[:, -1, :].cpu()
             tok, br, h, v = adaptive_sample(logits, generator, cfg)
             ids = torch.cat([ids, tok.unsqueeze(1)], dim=1)
             new.append(tok)
@@ -161,6 +164,7 @@ def generate(model: nn.Module, prompt_ids: Tensor, n: int, generator: torch.Gene
 
 # ---------------------------------------------------------------- reports/samples.md
 def write_samples(model_dir: str | Path, data_dir: str | Path, out_path: str | Path, seed: int,
+                  device: torch.device | str,
                   n_prompts: int = 4, prompt_len: int = 16, n_new: int = 24,
                   cfg: SamplerConfig | None = None) -> Path | None:
     """Sample continuations of the first test prompts; write markdown with the branch per token.
@@ -174,7 +178,7 @@ def write_samples(model_dir: str | Path, data_dir: str | Path, out_path: str | P
     if meta.get("kind") != "tokens":
         return None
     cfg = cfg or SamplerConfig()
-    model, _ = load_model(model_dir)
+    model = load_model(model_dir)[0].to(device)
     test = load_split(data_dir, "test")
     x, y = test["inputs"], test["targets"]
     full = torch.cat([x[:, :1], y], dim=1)  # the whole test sequence

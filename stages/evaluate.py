@@ -24,9 +24,11 @@ def main(params: dict) -> None:
         for f in made:
             tracker.log_artifact(f, "figures")
         if meta["kind"] == "tokens":  # sampled continuations, branch per token (lfmodel.sampling)
+            from lfmodel.runtime import select_device
             from lfmodel.sampling import write_samples
             tracker.log_artifact(write_samples("data/model", "data/prepared", OUT / "samples.md",
-                                               seed=params["seed"]))
+                                               seed=params["seed"],
+                                               device=select_device(params["train"]["device"])))
         else:  # samples.md is a stage output: say why it is empty rather than omit it
             (OUT / "samples.md").write_text("# Samples\n\nNo sampled continuations: "
                                             "entropy-adaptive sampling applies to token data, "

@@ -14,12 +14,11 @@ CSV for what `dvc plots` reads, Parquet for the rest:
 import shutil
 from pathlib import Path
 
-import torch
-
 from lfmodel.artifacts import load_model
 from lfmodel.config import stage_main
 from lfmodel.data import load_split
 from lfmodel.evaluation import by_position, trace
+from lfmodel.runtime import select_device, set_threads
 from lfmodel.tracking import read_run_file, stage_run
 
 OUT = Path("reports/traces")
@@ -28,11 +27,11 @@ OUT = Path("reports/traces")
 @stage_main
 def main(params: dict) -> None:
     # Evaluation only: no randomness to seed; the thread count fixes the float sums.
-    if params["train"]["threads"] > 0:
-        torch.set_num_threads(params["train"]["threads"])
+    set_threads(params["train"]["threads"])
+    device = select_device(params["train"]["device"])
     run_id = read_run_file()["run_id"]
     with stage_run("trace", params, run_id=run_id) as tracker:
-        model, _ = load_model("data/model")
+        model = load_model("data/model")[0].to(device)
         traces = trace(model, load_split("data/prepared", "test"))
         shutil.rmtree(OUT, ignore_errors=True)
         OUT.mkdir(parents=True)

@@ -238,18 +238,18 @@ def test_write_samples_markdown(tmp_path):
               str(model_dir / "model.safetensors"))
     (model_dir / "config.json").write_text(json.dumps(
         {"model": params["model"], "vocab_size": 32, "kind": "tokens", "prunable": []}))
-    out = write_samples(model_dir, data_dir, tmp_path / "samples.md", seed=0, n_prompts=2,
+    out = write_samples(model_dir, data_dir, tmp_path / "samples.md", seed=0, device="cpu", n_prompts=2,
                         prompt_len=4, n_new=5)
     text = out.read_text()
     assert text.count("## Prompt") == 2 and text.count("| branch |") == 2
     rows = [line for line in text.splitlines() if line.startswith("| ") and "branch" not in line]
     assert len(rows) == 10 and all(line.split("|")[3].strip() in BRANCHES for line in rows)
-    again = write_samples(model_dir, data_dir, tmp_path / "again.md", seed=0, n_prompts=2,
+    again = write_samples(model_dir, data_dir, tmp_path / "again.md", seed=0, device="cpu", n_prompts=2,
                           prompt_len=4, n_new=5)
     assert again.read_text() == text  # seeded
 
     series = tmp_path / "series"
     series.mkdir()
     (series / "meta.json").write_text(json.dumps({"kind": "series", "vocab_size": None}))
-    assert write_samples(model_dir, series, tmp_path / "none.md", seed=0) is None
+    assert write_samples(model_dir, series, tmp_path / "none.md", seed=0, device="cpu") is None
     assert not (tmp_path / "none.md").exists()
