@@ -1,5 +1,5 @@
 """Persistent masks, collapse / surge / rewire, and the fixed schedules (dense, static,
-interval, rigl), through the real Trainer where the per-step order matters."""
+gradual, interval, rigl), through the real Trainer where the per-step order matters."""
 
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def make_trainer(model: nn.Module, steps: int, hooks=None, **kw) -> Trainer:
 def surge_params(**kw) -> dict:
     p = {"mode": "interval", "target_sparsity": 0.5, "scope": "layer", "start_fraction": 0.3,
          "collapse_every": 10, "surge_every": 20, "regrow": "random", "recovery": 0.25,
-         "noise_scale": 0.5, "rigl_every": 5, "drop_fraction": 0.3, "rigl_end_fraction": 0.75}
+         "noise_scale": 0.5, "rigl_every": 5, "drop_fraction": 0.3, "rigl_end_fraction": 0.75,
+         "gradual_start_fraction": 0.1, "gradual_end_fraction": 0.6, "gradual_every": 3}
     p.update(kw)
     return p
 
@@ -482,6 +483,45 @@ def test_schedule_rigl_constant_sparsity_and_stops():
     check_masked(trainer.masks, trainer.optimizer)
 
 
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_schedule_gradual_follows_the_cubic_ramp(scope):
+    """40 steps, ramp 10 %..60 %: t0 = 4, t1 = 24, a pruning step every 3 after t0 (7, ..., 22)
+    and t1 itself (off the grid). The expected sparsities are written out here, not taken
+    from the schedule: 0.8 * (1 - (1 - (t - 4) / 20)^3)."""
+    trainer, rec = run_schedule(40, mode="gradual", target_sparsity=0.8, scope=scope,
+                                gradual_start_fraction=0.1, gradual_end_fraction=0.6,
+                                gradual_every=3)
+    expected = {7: 0.3087, 10: 0.5256, 13: 0.6669, 16: 0.7488, 19: 0.7875, 22: 0.7992,
+                24: 0.8}
+    assert [(e["step"], e["rule"]) for e in trainer.events] == [(t, "collapse") for t in expected]
+    tol = 1 / min(p.numel() for p in trainer.masks.params.values())
+    for e in trainer.events:
+        assert abs(e["sparsity_after"] - expected[e["step"]]) <= tol, e
+        assert e["sparsity_after"] > e["sparsity_before"] and e["layer"] == "all"
+    assert all(rec.mask_sparsity[t] == 0.0 for t in range(1, 7))
+    assert [rec.mask_sparsity[t] for t in range(24, 41)] == [rec.mask_sparsity[24]] * 17
+    total = sum(p.numel() for p in trainer.masks.params.values())
+    assert abs(rec.mask_sparsity[24] - 0.8) <= len(trainer.masks.params) / total
+    for p in trainer.masks.params.values():  # the weights themselves, not only the masks
+        assert scope == "global" or abs(zero_fraction(p) - 0.8) <= 1 / p.numel()
+    check_masked(trainer.masks, trainer.optimizer)
+
+
+@pytest.mark.parametrize("steps,start,end,every", [(100, 0.1, 0.6, 25), (37, 0.0, 0.5, 4),
+                                                    (50, 0.2, 1.0, 7), (3, 0.0, 0.1, 5)])
+def test_schedule_gradual_fires_only_on_its_grid_and_ends_at_target(steps, start, end, every):
+    """No event before t0 or after t1, none off the every-grid except t1; the last is t1 at
+    exactly the target (the cube of 0)."""
+    sched = build_schedule(surge_params(mode="gradual", target_sparsity=0.9,
+                                        gradual_start_fraction=start, gradual_end_fraction=end,
+                                        gradual_every=every), steps, seed=0)
+    t0, t1 = round(start * steps), max(1, round(end * steps))
+    fired = [t for t in range(0, steps + 1) if sched.actions(t)]
+    grid = [t for t in range(t0 + every, t1, every)] + [t1]
+    assert fired == grid
+    assert sched.sparsity_at(t1) == 0.9 and sched.sparsity_at(steps) == 0.9
+
+
 class OptimizerLr:
     """The lr the optimizer used at each step, read from its param_groups after the step."""
 
@@ -492,7 +532,7 @@ class OptimizerLr:
         self.lr[step] = [g["lr"] for g in trainer.optimizer.param_groups]
 
 
-@pytest.mark.parametrize("mode", ["static", "interval", "rigl"])
+@pytest.mark.parametrize("mode", ["static", "gradual", "interval", "rigl"])
 def test_schedule_event_lr_is_the_lr_the_optimizer_used(mode):
     """Warmup then cosine, so the lr moves every step: an event reporting the previous step's
     lr (or the next's) differs from what the optimizer used at the event's step."""

@@ -61,6 +61,12 @@ CASES = [
      ["'surge.start_fraction' (0.75)", "'surge.rigl_end_fraction' (0.75)", "never rewires"]),
     ({"surge": {"mode": "rigl", "start_fraction": 0.9}},
      ["'surge.start_fraction' (0.9)", "'surge.rigl_end_fraction' (0.75)"]),
+    ({"surge": {"mode": "gradual", "gradual_start_fraction": 0.6, "gradual_end_fraction": 0.6}},
+     ["'surge.gradual_start_fraction' (0.6)", "'surge.gradual_end_fraction' (0.6)", "no ramp"]),
+    ({"surge": {"mode": "gradual", "gradual_start_fraction": 0.7}},
+     ["'surge.gradual_start_fraction' (0.7)", "'surge.gradual_end_fraction' (0.6)"]),
+    ({"surge": {"gradual_every": 0}}, ["'surge.gradual_every'", "out of range"]),
+    ({"surge": {"gradual_end_fraction": 1.5}}, ["'surge.gradual_end_fraction'", "out of range"]),
     ({"data": {"missing": "zero"}}, ["'data.missing'", "error, drop, interpolate"]),
     ({"train": {"device": "gpu"}}, ["'train.device'", "auto, cpu, cuda"]),
     ({"train": {"threads": -1}}, ["'train.threads'", "out of range [0, inf]"]),
@@ -129,6 +135,15 @@ def test_valid_edges_pass():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_gradual_window_is_checked_only_in_mode_gradual():
+    """Another mode ignores the gradual keys, so a sweep may leave them at any valid value."""
+    raw = {"surge": {"gradual_start_fraction": 0.9, "gradual_end_fraction": 0.2}}
+    assert validate({"surge": {**raw["surge"], "mode": "static"}})["surge"]["mode"] == "static"
+    ok = validate({"surge": {"mode": "gradual", "gradual_start_fraction": 0.0,
+                             "gradual_end_fraction": 1.0}})
+    assert ok["surge"]["gradual_every"] == DEFAULTS["surge"]["gradual_every"]
+
+
 def test_cuda_without_a_gpu_is_one_line():
     with pytest.raises(ParamsError, match=r"^'train.device' is cuda but torch sees no CUDA GPU"):
         validate({"train": {"device": "cuda"}})

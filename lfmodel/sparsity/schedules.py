@@ -1,6 +1,6 @@
 """Schedules: trainer hooks that change the masks in `after_backward` and report events.
 
-Dense, static, interval and rigl here (the adaptive controller in controller.py). Every
+Dense, static, gradual, interval and rigl here (the adaptive controller in controller.py). Every
 schedule and the controller build their events with `record`, the one event builder: the
 sparsity before/after comes from the masks, the lr is the one the optimizer uses at that step.
 The hooks see the trainer only through `TrainerLike`; nothing here imports training.
@@ -139,5 +139,32 @@ class RigL(Schedule):
         return []
 
 
+class Gradual(Schedule):
+    """Gradual magnitude pruning (Zhu & Gupta 2017): between t0 = gradual_start_fraction and
+    t1 = gradual_end_fraction of the steps, every `gradual_every` steps after t0 and at t1,
+    collapse to s_t = target * (1 - (1 - (t - t0) / (t1 - t0))^3); masks then fixed. The cube
+    prunes fast while many redundant weights remain and slowly near the target; t1 is always a
+    pruning step, so training after it runs at exactly target_sparsity. No event at t0 (s = 0)."""
+
+    mode = "gradual"
+
+    def window(self) -> tuple[int, int]:
+        """(t0, t1) in steps; t1 >= 1 (steps count from 1) and t0 <= t1 for tiny runs."""
+        t1 = max(1, round(self.p["gradual_end_fraction"] * self.total))
+        return min(round(self.p["gradual_start_fraction"] * self.total), t1), t1
+
+    def sparsity_at(self, step: int) -> float:
+        t0, t1 = self.window()
+        frac = 1.0 if t1 == t0 else min(1.0, max(0.0, (step - t0) / (t1 - t0)))
+        return self.p["target_sparsity"] * (1 - (1 - frac) ** 3)
+
+    def actions(self, step: int) -> list[Action]:
+        t0, t1 = self.window()
+        if not (t0 < step <= t1 and (step == t1 or (step - t0) % self.p["gradual_every"] == 0)):
+            return []
+        s, scope = self.sparsity_at(step), self.p["scope"]
+        return [("collapse", lambda m: m.collapse(s, scope))]
+
+
 SCHEDULES: dict[str, type[Schedule]] = {
-    "dense": Dense, "static": Static, "interval": Interval, "rigl": RigL}
+    "dense": Dense, "static": Static, "gradual": Gradual, "interval": Interval, "rigl": RigL}
