@@ -6,6 +6,8 @@
 `-S` axes are crossed (cartesian, like `dvc exp run -S`); `--seeds` adds the `seed` axis;
 `--set` values apply to every point without naming it. Experiment names are deterministic:
 `<sweep id>-<mode>-l<lambda>-<other axes>-s<seed>` (the study's scheme on the study's grid).
+In Python, run_local / run_ray also take `Points`, an explicit list of named points (the study's
+design is a list of arms, not a product).
 
 The records are DVC experiments and MLflow runs: one parent run per sweep (grid, sweep id,
 commit, backend; a summary table at the end); every experiment's run carries
@@ -21,6 +23,7 @@ Backends:
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -111,12 +114,68 @@ class Grid:
         keys = sorted(point, key=_order)
         return "-".join([sweep_id, *(_name_part(k, point[k]) for k in keys)])
 
+    def overrides(self, point: dict[str, Any]) -> dict[str, Any]:
+        """Every override of one point: fixed values first, then the point's."""
+        return {**self.fixed, **point}
+
     def sets(self, point: dict[str, Any]) -> list[str]:
-        """The `-S key=value` list for one point (fixed values first, then the point)."""
-        return [f"{k}={_yaml(v)}" for k, v in {**self.fixed, **point}.items()]
+        """The `-S key=value` list for one point."""
+        return [f"{k}={_yaml(v)}" for k, v in self.overrides(point).items()]
 
     def identity(self) -> str:
         return json.dumps({"axes": self.axes, "fixed": self.fixed}, sort_keys=True)
+
+    def merged(self, old: str) -> str | None:
+        """A grid reuses a sweep id only with the same grid: never merges."""
+        return None
+
+
+@dataclass
+class Points:
+    """An explicit list of points (a design, not a cartesian product): {name suffix: overrides}.
+    It is a Grid with one axis, `point`, whose values are the suffixes; the experiment name is
+    `<sweep id>-<suffix>`. `fixed` applies to every point AFTER its own values (the study's tiny
+    test shortens `train.steps` with it). A sweep id may be reused with a list that contains the
+    earlier one or is contained in it (a study's second phase, a resume of a part): the parent
+    run keeps the union; a point whose overrides changed under its name is refused."""
+    named: dict[str, dict[str, Any]]
+    fixed: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def axes(self) -> dict[str, list[str]]:
+        return {"point": list(self.named)}
+
+    def points(self) -> list[dict[str, Any]]:
+        return [{"point": s} for s in self.named]
+
+    def name(self, sweep_id: str, point: dict[str, Any]) -> str:
+        return f"{sweep_id}-{point['point']}"
+
+    def overrides(self, point: dict[str, Any]) -> dict[str, Any]:
+        return {**self.named[point["point"]], **self.fixed}
+
+    def sets(self, point: dict[str, Any]) -> list[str]:
+        return [f"{k}={_yaml(v)}" for k, v in self.overrides(point).items()]
+
+    def _digests(self) -> list[str]:
+        """One short hash per point (name and overrides): the grid tag stays under MLflow's
+        8000-character tag limit for a few hundred points."""
+        return sorted(hashlib.sha256(json.dumps([s, self.overrides(p)], sort_keys=True).encode())
+                      .hexdigest()[:8] for s, p in zip(self.named, self.points(), strict=True))
+
+    def identity(self) -> str:
+        return json.dumps({"points": self._digests()})
+
+    def merged(self, old: str) -> str | None:
+        """The union's identity when one list contains the other, else None (refused)."""
+        try:
+            before = set(json.loads(old)["points"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        now = set(self._digests())
+        if not (before <= now or now <= before):
+            return None
+        return json.dumps({"points": sorted(before | now)})
 
 
 def _yaml(value: Any) -> str:
@@ -133,7 +192,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def check_grid(grid: Grid, sweep_id: str, params_path: Path = Path("params.yaml")) -> dict[str, dict]:
+def check_grid(grid: Grid | Points, sweep_id: str,
+               params_path: Path = Path("params.yaml")) -> dict[str, dict]:
     """Validate every point against the params schema; {name: point}. Raises SweepError."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.]*", sweep_id):
         raise SweepError(f"--name {sweep_id!r}: use letters, digits, '_' and '.' (a git ref part)")
@@ -143,7 +203,7 @@ def check_grid(grid: Grid, sweep_id: str, params_path: Path = Path("params.yaml"
     names: dict[str, dict] = {}
     for point in grid.points():
         trial = json.loads(json.dumps(raw or {}))
-        for k, v in {**grid.fixed, **point}.items():
+        for k, v in grid.overrides(point).items():
             _set_dotted(trial, k, v)
         try:
             validate(trial, base_dir=params_path.parent)
@@ -178,22 +238,26 @@ def child_runs(client: Any, exp_id: str, names: set[str]) -> dict[str, list[Any]
     return out
 
 
-def existing_parent(client: Any, exp_id: str, sweep_id: str, grid: Grid) -> str | None:
-    """The parent run of an earlier start of this sweep id; SweepError if its grid differs."""
+def existing_parent(client: Any, exp_id: str, sweep_id: str, grid: Grid | Points) -> str | None:
+    """The parent run of an earlier start of this sweep id; SweepError if its grid differs
+    (a Points list may grow or shrink, see Points; the parent's grid tag becomes the union)."""
     runs = client.search_runs(
         [exp_id], max_results=10,
         filter_string=f"tags.`lfmodel.sweep_id` = '{sweep_id}' and "
                       f"tags.`{PARENT_ROLE[0]}` = '{PARENT_ROLE[1]}'")
     if runs:
         old = runs[0].data.tags.get("lfmodel.sweep.grid")
-        if old != grid.identity():
+        union = grid.merged(old) if old != grid.identity() else old
+        if union is None:
             raise SweepError(f"sweep id {sweep_id!r} was already used with another grid ({old}); "
                              "use a new --name")
+        if union != old:
+            client.set_tag(runs[0].info.run_id, "lfmodel.sweep.grid", union)
         return runs[0].info.run_id
     return None
 
 
-def parent_run(client: Any, exp_id: str, sweep_id: str, grid: Grid, backend: str) -> str:
+def parent_run(client: Any, exp_id: str, sweep_id: str, grid: Grid | Points, backend: str) -> str:
     """The sweep's parent run id: reopened (same grid) or created. Raises SweepError."""
     rid = existing_parent(client, exp_id, sweep_id, grid)
     if rid:
@@ -306,7 +370,7 @@ def _tally(client: Any, exp_id: str, names: set[str], since: float) -> tuple[int
 
 # ---------------------------------------------------------------------------- local backend
 
-def run_local(sweep_id: str, grid: Grid, jobs: int = 2, experiment: str | None = None) -> list[str]:
+def run_local(sweep_id: str, grid: Grid | Points, jobs: int = 2, experiment: str | None = None) -> list[str]:
     """Queue the points without a complete run, run them with -j jobs; names still missing."""
     names = check_grid(grid, sweep_id)
     experiment = experiment or load_params()["tracking"]["experiment"]
@@ -424,7 +488,7 @@ def run_point(origin: str, commit: str, name: str, sets: list[str], env: dict[st
             "reused": False}
 
 
-def run_ray(sweep_id: str, grid: Grid, address: str | None, experiment: str | None = None,
+def run_ray(sweep_id: str, grid: Grid | Points, address: str | None, experiment: str | None = None,
             max_retries: int = 3) -> list[str]:
     """Push, one Ray task per point, pull the experiments back; names still missing."""
     names = check_grid(grid, sweep_id)
