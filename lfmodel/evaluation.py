@@ -182,13 +182,19 @@ def nmi(a: np.ndarray, b: np.ndarray) -> float:
     return 0.0 if ha + hb == 0 else 2 * mutual_information(a, b) / (ha + hb)
 
 
+DEAD_SHARE = 0.01  # an expert that is top-1 for fewer tokens than this is dead
+
+
 def gate_summary(tokens: pd.DataFrame, gates: pd.DataFrame) -> dict[str, float | None]:
     """Gate metrics from the trace: `gates` (per-layer entropies) and `tokens` (top experts).
 
     token_entropy, usage_entropy: mean over MoE layers of the trace's per-layer values;
     expert_regime_nmi / expert_token_nmi: NMI of the top expert with the regime (of the target
     token: the regime that emits the token being predicted) / with the input token, the best
-    layer; per layer `<layer>.token_entropy`, `.usage_entropy`, `.expert_regime_nmi`.
+    layer; per layer `<layer>.token_entropy`, `.usage_entropy`, `.expert_regime_nmi`, and for
+    the lambda sub-study (issue 13) `.expert_regime_mi` / `.expert_token_mi` (the same pairs'
+    mutual information in nats), `.top_share` (the most used expert's share of tokens, by top-1)
+    and `.dead_share` (the share of experts that are top-1 for fewer than DEAD_SHARE of tokens).
     """
     if not len(gates):
         return {"token_entropy": None, "usage_entropy": None, "expert_regime_nmi": None,
@@ -204,11 +210,19 @@ def gate_summary(tokens: pd.DataFrame, gates: pd.DataFrame) -> dict[str, float |
         "usage_entropy": float(gates["usage_entropy"].mean()),
         "expert_regime_nmi": max(reg.values()) if reg else None,
         "expert_token_nmi": max(inp) if inp else None}
+    n_experts = {layer: len(cols) for layer, cols in gate_columns(tokens).items()}
     for r in gates.itertuples():
+        top = tops[r.layer]
         out[f"{r.layer}.token_entropy"] = float(r.token_entropy)
         out[f"{r.layer}.usage_entropy"] = float(r.usage_entropy)
         if reg:
             out[f"{r.layer}.expert_regime_nmi"] = reg[r.layer]
+            out[f"{r.layer}.expert_regime_mi"] = mutual_information(top, tokens["regime"].to_numpy())
+        if inp:
+            out[f"{r.layer}.expert_token_mi"] = mutual_information(top, tokens["input"].to_numpy())
+        share = np.bincount(top, minlength=n_experts[r.layer]) / max(len(top), 1)
+        out[f"{r.layer}.top_share"] = float(share.max())
+        out[f"{r.layer}.dead_share"] = float((share < DEAD_SHARE).mean())
     return out
 
 

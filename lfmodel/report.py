@@ -28,6 +28,7 @@ import pandas as pd
 
 from lfmodel.arms import BASELINES, SPARSITIES
 from lfmodel.config import DEFAULTS
+from lfmodel.evaluation import DEAD_SHARE
 from lfmodel.stats import (
     N_RESAMPLES,
     compare_arms,
@@ -54,7 +55,7 @@ LAYER_MEASURES = {
     "top_share": "largest expert's share of tokens (top-1)",
     "dead_share": "share of experts that are top-1 for < 1 % of tokens",
 }
-DEAD_BELOW = 0.01  # an expert is dead below this share of tokens (evaluate computes dead_share)
+DEAD_BELOW = DEAD_SHARE  # an expert is dead below this share of tokens (evaluate computes it)
 STABILITY = {"loss_spikes": "loss spikes (count)", "val_range_last20": "val-loss range, last 20 %"}
 
 

@@ -19,7 +19,7 @@ from lfmodel.entropy import (
     token_activation_entropy,
     varentropy_from_logits,
 )
-from lfmodel.evaluation import mutual_information, nmi
+from lfmodel.evaluation import gate_summary, mutual_information, nmi
 
 LN2 = math.log(2)
 
@@ -187,3 +187,24 @@ def test_entropy_gradient_finite_for_saturated_gates():
     loss.backward()
     assert torch.isfinite(logits.grad).all()
     assert float(logits.grad[1].abs().sum()) > 0
+
+
+def test_gate_summary_lambda_study_measures_by_hand():
+    """Per-layer measures of the lambda sub-study on a 200-token table: expert 0 is top-1 for
+    the 100 tokens of regime 0, expert 1 for 99 of regime 1, expert 2 for one token, expert 3
+    never. Shares (0.5, 0.495, 0.005, 0): top 0.5, dead 2 of 4; I(expert; regime) by hand."""
+    import pandas as pd
+
+    top = np.array([0] * 100 + [1] * 99 + [2])
+    regime = np.array([0] * 100 + [1] * 100)
+    gates = np.eye(4)[top]
+    tokens = pd.DataFrame({"input": np.arange(200) % 5, "regime": regime,
+                           "block0.top_expert": top,
+                           **{f"block0.g{e}": gates[:, e] for e in range(4)}})
+    table = pd.DataFrame({"layer": ["block0"], "token_entropy": [0.0], "usage_entropy": [0.7]})
+    out = gate_summary(tokens, table)
+    assert out["block0.top_share"] == 0.5
+    assert out["block0.dead_share"] == 0.5
+    # I = H(regime) - H(regime | expert) = ln 2 - 0 (every expert sees one regime)
+    assert out["block0.expert_regime_mi"] == pytest.approx(math.log(2), abs=1e-12)
+    assert out["block0.expert_token_mi"] == pytest.approx(mutual_info_score(top, tokens["input"]))
