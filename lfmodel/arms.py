@@ -25,11 +25,11 @@ it from params.yaml. `s` is the arm's target sparsity; budgets are multiples of 
 | static_matched| static at the sparsity adaptive_bare reached (a follow-up grid, see          |
 |               | matched_static)                                                              |
 
-PLACEHOLDERS: `gradual` and its three keys do not exist in config yet (the schedule is written
-by another change); the values here (ramp from 10 % to 60 % of the steps, a pruning step every
-25) are proposals to confirm when it lands. Step-counted schedule keys (collapse_every,
-surge_every, rigl_every, check_every, gradual_every) are not scaled with the budget: a 4x run
-fires them 4x as often, which is the schedule as written; fractions scale by themselves.
+`gradual` spells out its ramp (config.DEFAULTS: from 10 % to 60 % of the steps, a pruning step
+every 25; schedules.Gradual) in its overrides, so each run names it. Step-counted schedule keys
+(collapse_every, surge_every, rigl_every, check_every, gradual_every) are not scaled with the
+budget: a 4x run fires them 4x as often, which is the schedule as written; fractions scale by
+themselves.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ LAMBDAS = (-0.05, 0.0, 0.01, 0.05)
 # the largest |lambda_entropy| so it can outweigh the pull toward one expert.
 BALANCE_ON = 0.1
 BARE_MAX_SPARSITY = max(SPARSITIES)
-GRADUAL = {"surge.gradual_start_fraction": 0.1, "surge.gradual_end_fraction": 0.6,
-           "surge.gradual_every": 25}  # placeholders, see the module docstring
+GRADUAL = {f"surge.{k}": DEFAULTS["surge"][k]
+           for k in ("gradual_start_fraction", "gradual_end_fraction", "gradual_every")}
 # CPU-seconds a run spends outside training steps (dvc, prepare, trace, evaluate). From the
 # 400-step study (study.py: ~30 of ~90 CPU-s per run were not train); re-measure with the grid.
 RUN_OVERHEAD_S = 30.0

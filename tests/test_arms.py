@@ -76,11 +76,9 @@ def test_names_deterministic_unique_and_overrides_valid():
         assert name.startswith("st1-") and all(c.isalnum() or c in "-." for c in name)
         ov = dict(p.overrides)
         assert ov["seed"] == p.seed and ov["train.steps"] == p.budget * DEFAULTS["train"]["steps"]
-        if p.arm == "gradual":  # placeholder keys: the schedule lands later
-            continue
-        validate(_raw(p))  # every other override is a real key with a valid value
+        validate(_raw(p))  # every override is a real key with a valid value
     with pytest.raises(ParamsError):  # ...and validate does reject a bad one
-        validate({"surge": {"gradual_every": 25}})
+        validate({"surge": {"gradual_every": 0}})
 
 
 def test_seed_dsd_and_bare_controller_overrides():
