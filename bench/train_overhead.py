@@ -3,7 +3,7 @@
 Same model (same init), same data (the default `regimes` data), same objective (task loss +
 lambda_entropy * gate entropy), same Adam / lr schedule / grad clip / validation cadence. The
 instrumented side is the train stage's Trainer with every hook it uses: the adaptive
-controller (interval schedule if lfmodel.controller is missing) with its masks and entropy
+controller (interval schedule if lfmodel.sparsity.controller is missing) with its masks and entropy
 monitoring, curves, MLflow logging (Tracker into a temp SQLite store) and checkpoints.
 The two sides are interleaved finely, so that the load of a shared machine hits both alike: one
 instrumented `fit` runs BENCH_REPEATS * BENCH_STEPS steps, and a last hook (`Interleave`), every
