@@ -1,269 +1,383 @@
-"""The study: does surge-collapse or the gate-entropy term help? (issue 5)
+"""`lfmodel study` (= make study): the study of issue 13 through `lfmodel sweep`, then reports/study/.
 
-    python -m lfmodel.study            # or: make study
+    lfmodel study [--study-id ID] [--full] [--minutes 90] [--jobs N]
+                  [--backend local|ray --address A] [--report-only]
 
-runs the grid {surge.mode} x {lambda_entropy} x {seed} as a local `lfmodel sweep` (sweep id = study
-id: `dvc exp run --queue`, then `--run-all -j JOBS`, one MLflow parent run), then builds
-reports/study/ from MLflow's `search_runs`:
-table.md / table.csv (mean +- std over seeds), runs.csv (every run id behind every number),
-figures, and verdict.md (one verdict per seed claim, written from the numbers).
-`--report-only --study-id ID` rebuilds the report from runs already in the store;
-`--study-id ID` alone resumes a study, queueing only the grid points without a FINISHED run.
+Design (lfmodel.arms): by default arms.default_design, the full design trimmed to finish in
+`--minutes` on this machine's cores. Its cost input is measured at start: CALIB_STEPS training
+steps of the default model in this process at one torch thread (process CPU per step), plus
+RUN_OVERHEAD_S per run (measured once, see there). `--full` is arms.full_design (a cluster's).
+The design's points run as one sweep whose id is the study id (one MLflow parent run; the
+backend is the sweep's: the local DVC queue, or Ray). The parent run keeps design.json (every
+point's arm, target sparsity, budget, seed, lambdas and -S overrides), so a rerun with the same
+id resumes that design (no recalibration; points with a complete run are skipped) and the
+report knows every run's arm exactly. Phase 2: when the design has the bare controller
+(adaptive_bare), static at the sparsity it reached (arms.matched_static) joins the same sweep.
+
+Report: one row per complete child run of the parent (run id, parent run id, arm, ...; the
+metrics of its metrics.json artifact) and its curves (train/loss.csv, train/val.csv artifacts),
+then lfmodel.report.build_report with the wall time measured over the study's invocations and
+CPU time = cores used x wall (the runs do not record their process CPU; the files say so).
+`--report-only` rebuilds reports/study/ from MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import json
 import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
+import torch
 
-from lfmodel.config import SURGE_MODES, load_params
-from lfmodel.sweep import Grid, SweepError, parse_axis, run_complete, run_local
-from lfmodel.tracking import get_client
+from lfmodel import arms, report
+from lfmodel.config import DEFAULTS, ParamsError, load_params
+from lfmodel.entropy import regularized_loss
+from lfmodel.models import build_model
+from lfmodel.sweep import (
+    PARENT_ROLE,
+    Grid,
+    Points,
+    SweepError,
+    check_grid,
+    parent_run,
+    run_complete,
+    run_local,
+    run_ray,
+)
+from lfmodel.tracking import get_client, tracking_uri
+from lfmodel.training import task_loss
 
-OUT = Path("reports/study")
-METRICS = {
-    "excess_loss": "excess loss (test - bayes, nats)",
-    "sparsity": "final sparsity",
-    "token_entropy": "gate token entropy (nats)",
-    "usage_entropy": "gate usage entropy (nats)",
-    "expert_regime_nmi": "expert-regime NMI",
-    "train_loss_var_last20": "train-loss variance, last 20 % of steps",
-}
-# Overrides applied to every grid point so 45 runs fit in 30 minutes on 2 cores (-j 2, one
-# torch thread each). At batch 32 the grid was on course for ~34 min (14 runs timed; train is
-# 60 of ~90 CPU-s per run); batch 16 costs 75 instead of 118 ms/step and keeps all 400 steps,
-# so every step-based schedule (interval, rigl, adaptive checks, the floor) fires as at 32.
-STUDY_OVERRIDES = {"train.steps": 400, "train.batch_size": 16, "train.threads": 1,
-                   "train.eval_every": 100}
+OUT = report.OUT
+STUDY_ID = "study"  # the default id: rerunning `make study` resumes it; a new study, a new id
+CALIB_STEPS, CALIB_WARMUP = 20, 3
+# CPU-seconds per run outside the training steps (dvc, the 4 stage start-ups, prepare from the
+# run cache, trace, evaluate, MLflow). Measured: CPU of `dvc exp run -S train.steps=21
+# -S train.threads=1` on a default-params copy (prepare restored from the run cache) minus
+# 21 x the per-step CPU (python /tmp overhead script, see the H8 report; 2-core machine).
+RUN_OVERHEAD_S = 30.0
+DESIGN_FILE = "design.json"
+OLD_FLAGS = ("--modes", "--lambdas", "--seeds", "--steps", "--set")
 
 
-def exp_name(study_id: str, mode: str, lam: float, seed: int) -> str:
-    """`<id>-<mode>-l<lambda>-s<seed>`: the sweep's naming on the study's grid."""
-    return Grid({}).name(study_id, {"surge.mode": mode, "lambda_entropy": lam, "seed": seed})
+class StudyError(RuntimeError):
+    """Bad input or a missing study: one line, exit 2."""
 
 
-def collect(study_id: str, experiment: str) -> pd.DataFrame:
-    """One row per MLflow run of this study (matched by the dvc.exp_name tag prefix)."""
+# ---------------------------------------------------------------------------- cost
+
+def calibrate(batch_size: int, steps: int = CALIB_STEPS) -> float:
+    """Process-CPU seconds per training step (forward with gates, task + entropy loss, backward,
+    clip, Adam) of the default model at `batch_size`, one torch thread, after CALIB_WARMUP
+    steps. CPU, not wall: a shared machine inflates wall time, the cost model counts CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t, d = DEFAULTS["train"], DEFAULTS["data"]
+        gen = torch.Generator().manual_seed(0)
+        model = build_model(DEFAULTS["model"], d["vocab_size"])
+        opt = torch.optim.Adam(model.parameters(), lr=t["lr"])
+        x = torch.randint(0, d["vocab_size"], (batch_size, d["seq_len"] + 1), generator=gen)
+        for i in range(CALIB_WARMUP + steps):
+            if i == CALIB_WARMUP:
+                t0 = time.process_time()
+            out, gates = model(x[:, :-1], return_gates=True)
+            loss, _ = regularized_loss(task_loss(out, x[:, 1:]), gates,
+                                       DEFAULTS["lambda_entropy"], t["lambda_balance"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+            opt.step()
+        return (time.process_time() - t0) / steps
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------- design <-> sweep
+
+def exp_name(sweep_id: str, mode: str, lam: float, seed: int) -> str:
+    """`<id>-<mode>-l<lambda>-s<seed>`: the sweep's naming of a surge.mode x lambda x seed grid
+    (the 400-step study's; `lfmodel sweep` keeps it)."""
+    return Grid({}).name(sweep_id, {"surge.mode": mode, "lambda_entropy": lam, "seed": seed})
+
+
+def design_map(design: arms.Design, study_id: str) -> dict[str, dict[str, Any]]:
+    """{experiment name: arm, target_sparsity, budget, seed, lambdas, sets}: design.json."""
+    return {name: {"arm": p.arm, "target_sparsity": p.sparsity, "budget": p.budget,
+                   "seed": p.seed, "lambda_entropy": p.lambda_entropy,
+                   "lambda_balance": p.lambda_balance, "sets": dict(p.overrides)}
+            for name, p in design.experiments(study_id).items()}
+
+
+def to_points(dmap: dict[str, dict], study_id: str, extra: dict[str, Any] | None = None) -> Points:
+    """The sweep's explicit point list; `extra` overrides every point (tests: tiny steps)."""
+    cut = len(study_id) + 1
+    return Points({name[cut:]: dict(v["sets"]) for name, v in dmap.items()}, dict(extra or {}))
+
+
+def find_parent(client: Any, exp_id: str, study_id: str) -> str | None:
+    runs = client.search_runs(
+        [exp_id], max_results=1,
+        filter_string=f"tags.`lfmodel.sweep_id` = '{study_id}' and "
+                      f"tags.`{PARENT_ROLE[0]}` = '{PARENT_ROLE[1]}'")
+    return runs[0].info.run_id if runs else None
+
+
+def stored_design(client: Any, parent: str) -> dict[str, dict]:
+    """The parent's design.json ({} if it has none)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parent, DESIGN_FILE, tmp)
+        except Exception:  # MLflow raises its own error types per store for a missing file
+            return {}
+        return json.loads(Path(path).read_text())
+
+
+def store_design(client: Any, parent: str, dmap: dict[str, dict]) -> None:
+    """Merge dmap into the parent's design.json (a later phase adds points, never drops)."""
+    merged = {**stored_design(client, parent), **dmap}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / DESIGN_FILE).write_text(json.dumps(merged, indent=1, sort_keys=True))
+        client.log_artifact(parent, str(Path(tmp) / DESIGN_FILE))
+
+
+# ---------------------------------------------------------------------------- collection
+
+def _nan(v: Any) -> float:
+    return math.nan if v is None else float(v)
+
+
+def _artifact_csv(client: Any, run_id: str, path: str, tmp: str) -> pd.DataFrame | None:
+    try:
+        return pd.read_csv(client.download_artifacts(run_id, path, tmp))
+    except Exception:  # not logged (an older run): the caller falls back
+        return None
+
+
+def collect(study_id: str, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """(runs, curves, parent run id): one row per complete child run of the study's parent run
+    whose experiment name is in its design.json (the newest complete run of a name), tagged
+    with its arm / target sparsity / budget on the way (for the UI)."""
     client, exp_id = get_client(experiment)
-    runs = client.search_runs([exp_id], filter_string=f"tags.`dvc.exp_name` LIKE '{study_id}-%'",
-                              max_results=5000)
-    rows = []
-    for r in runs:
-        complete = run_complete(r)
-        row = {"run_id": r.info.run_id,
-               "status": "FINISHED" if complete else f"INCOMPLETE ({r.info.status})",
-               "exp_name": r.data.tags.get("dvc.exp_name"),
-               "surge.mode": r.data.params.get("surge.mode"),
-               "lambda_entropy": float(r.data.params.get("lambda_entropy", "nan")),
-               "seed": int(r.data.params.get("seed", -1)),
-               "train.steps": int(r.data.params.get("train.steps", -1)),
-               "surge.target_sparsity": r.data.params.get("surge.target_sparsity")}
-        row.update({m: r.data.metrics.get(m, math.nan) for m in METRICS})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    done = runs[runs["status"] == "FINISHED"]
-    g = done.groupby(["surge.mode", "lambda_entropy"])
-    table = g[list(METRICS)].agg(["mean", "std"])
-    table.columns = [f"{m}_{s}" for m, s in table.columns]
-    table["n_seeds"] = g.size()
-    order = {m: i for i, m in enumerate(SURGE_MODES)}
-    return table.reset_index().sort_values(
-        ["surge.mode", "lambda_entropy"], key=lambda c: c.map(order) if c.name == "surge.mode" else c)
-
-
-def markdown_table(table: pd.DataFrame) -> str:
-    cols = ["surge.mode", "lambda_entropy", "n_seeds", *METRICS]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for _, r in table.iterrows():
-        cells = [str(r["surge.mode"]), f"{r['lambda_entropy']:g}", str(int(r["n_seeds"]))]
-        for m in METRICS:
-            mean, std = r[f"{m}_mean"], r[f"{m}_std"]
-            digits = 5 if m == "train_loss_var_last20" else 3
-            spread = "" if pd.isna(std) else f" ± {std:.{digits}f}"  # no std from one seed
-            cells.append("n/a" if pd.isna(mean) else f"{mean:.{digits}f}{spread}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def effect(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(mean(a) - mean(b), Cohen's d with pooled std); nan when too few values."""
-    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
-    if len(a) < 2 or len(b) < 2:
-        return math.nan, math.nan
-    diff = float(a.mean() - b.mean())
-    pooled = math.sqrt((a.var(ddof=1) * (len(a) - 1) + b.var(ddof=1) * (len(b) - 1))
-                       / (len(a) + len(b) - 2))
-    return diff, diff / pooled if pooled > 0 else math.copysign(math.inf, diff) if diff else 0.0
-
-
-def paired_effect(runs: pd.DataFrame, mode_a: str, mode_b: str, metric: str) -> tuple[float, float, int]:
-    """Mean of paired differences a - b over matching (lambda_entropy, seed) runs (same data and
-    init), its d = mean / std of the differences, and the number of pairs."""
-    key = ["lambda_entropy", "seed"]
-    a = runs[runs["surge.mode"] == mode_a].set_index(key)[metric]
-    b = runs[runs["surge.mode"] == mode_b].set_index(key)[metric]
-    diff = (a - b).dropna()
-    if len(diff) < 2:
-        return math.nan, math.nan, len(diff)
-    mean, std = float(diff.mean()), float(diff.std(ddof=1))
-    d = mean / std if std > 0 else (math.copysign(math.inf, mean) if mean else 0.0)
-    return mean, d, len(diff)
-
-
-def judge(diff: float, d: float, better_if_negative: bool = True) -> str:
-    """holds: |d| >= 0.8 in the claimed direction; does not hold: |d| >= 0.8 against it, or
-    |d| < 0.2 (no effect); inconclusive otherwise."""
-    if math.isnan(d):
-        return "inconclusive (too few runs)"
-    good = d < 0 if better_if_negative else d > 0
-    if abs(d) >= 0.8:
-        return "holds" if good else "does not hold (opposite effect)"
-    if abs(d) < 0.2:
-        return "does not hold (no effect)"
-    return "inconclusive"
-
-
-def verdicts(runs: pd.DataFrame) -> str:
-    done = runs[runs["status"] == "FINISHED"]
-
-    def vals(mode: str, metric: str, lam: float | None = None) -> np.ndarray:
-        sel = done[done["surge.mode"] == mode]
-        if lam is not None:
-            sel = sel[sel["lambda_entropy"] == lam]
-        return sel[metric].to_numpy(dtype=float)
-
-    out = ["# Verdicts\n",
-           "Mode comparisons pair runs with the same lambda_entropy and seed (same data, same "
-           "init): d = mean / std of the paired differences. Lambda comparisons use Cohen's d "
-           "(pooled std). holds: |d| >= 0.8 in the claimed direction; does not hold: |d| >= 0.8 "
-           "against it, or |d| < 0.2; inconclusive otherwise. The table has the absolute "
-           "numbers; the runs are short (see table.md), so read these as short-budget results.\n"]
-    for claim, metric, label in (
-            ("Seed 000: entropy-adaptive surge-collapse stabilizes training",
-             "train_loss_var_last20", "train-loss variance (last 20 %)"),
-            ("Seed 000: entropy-adaptive surge-collapse enhances generalization",
-             "excess_loss", "excess test loss")):
-        out.append(f"## {claim}\n")
-        for base in ("dense", "static", "interval", "rigl"):
-            diff, d, n = paired_effect(done, "adaptive", base, metric)
-            if n == 0:
+    parent = find_parent(client, exp_id, study_id)
+    if parent is None:
+        raise StudyError(f"no MLflow parent run for study {study_id!r} in {tracking_uri()}")
+    dmap = stored_design(client, parent)
+    kids = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+                              max_results=50000, order_by=["attributes.start_time DESC"])
+    rows, curves, seen = [], [], set()
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in kids:
+            name = r.data.tags.get("dvc.exp_name")
+            if name not in dmap or name in seen or not run_complete(r):
                 continue
-            out.append(f"- adaptive vs {base}: {label} difference {diff:+.4g} over {n} pairs "
-                       f"(d = {d:+.2f}): **{judge(diff, d)}**")
-        out.append("")
-    out.append("## Seed 002: lambda_entropy steers experts (specialization at > 0, diversity "
-               "at < 0)\n")
-    lams = sorted(done["lambda_entropy"].unique())
-    if len(lams) >= 2:
-        lo, hi = lams[0], lams[-1]
-        for mode in [m for m in SURGE_MODES if m in set(done["surge.mode"])]:
-            means = [np.nanmean(vals(mode, "token_entropy", lam)) for lam in lams]
-            ordered = all(a > b for a, b in itertools.pairwise(means))
-            diff, d = effect(vals(mode, "token_entropy", hi), vals(mode, "token_entropy", lo))
-            out.append(f"- {mode}: token entropy by lambda {', '.join(f'{m:.3f}' for m in means)}"
-                       f" ({'strictly decreasing' if ordered else 'not monotone'}); "
-                       f"lambda {hi:g} vs {lo:g}: d = {d:+.2f}: "
-                       f"**{'holds' if ordered and d <= -0.8 else judge(diff, d)}**")
-        diff, d = effect(done[done["lambda_entropy"] == hi]["expert_regime_nmi"].to_numpy(float),
-                         done[done["lambda_entropy"] == lo]["expert_regime_nmi"].to_numpy(float))
-        out.append(f"- does specialization track the hidden regime? expert-regime NMI, lambda "
-                   f"{hi:g} vs {lo:g}: {diff:+.4g} (d = {d:+.2f}): "
-                   f"**{judge(diff, d, better_if_negative=False)}**")
-    return "\n".join(out) + "\n"
+            seen.add(name)
+            d = dmap[name]
+            rid = r.info.run_id
+            row = {"run_id": rid, "parent_run_id": parent, "exp_name": name, "arm": d["arm"],
+                   "target_sparsity": _nan(d["target_sparsity"]), "budget": int(d["budget"]),
+                   "seed": int(d["seed"]), "lambda_entropy": float(d["lambda_entropy"]),
+                   "lambda_balance": float(d["lambda_balance"])}
+            try:
+                metrics = json.loads(Path(client.download_artifacts(rid, "metrics.json", tmp))
+                                     .read_text())
+            except Exception:  # metrics.json not an artifact: the run's logged metrics
+                metrics = {k: v for k, v in r.data.metrics.items() if "/" not in k}
+            row.update({k: _nan(v) for k, v in metrics.items()
+                        if v is None or isinstance(v, (int, float))})
+            rows.append(row)
+            if r.data.tags.get("lfmodel.arm") != d["arm"]:
+                for k in ("arm", "target_sparsity", "budget"):
+                    client.set_tag(rid, f"lfmodel.{k}", str(d[k]))
+            loss = _artifact_csv(client, rid, "train/loss.csv", tmp)
+            val = _artifact_csv(client, rid, "train/val.csv", tmp)
+            if loss is None:
+                loss = pd.DataFrame([(m.step, m.value) for m in
+                                     client.get_metric_history(rid, "loss/train")],
+                                    columns=["step", "train_loss"])
+            if val is None:
+                val = pd.DataFrame([(m.step, m.value) for m in
+                                    client.get_metric_history(rid, "loss/val")],
+                                   columns=["step", "val_loss"])
+            c = loss[["step", "train_loss"]].merge(val[["step", "val_loss"]], on="step",
+                                                   how="outer")
+            curves.append(c.assign(run_id=rid))
+    return (pd.DataFrame(rows), pd.concat(curves, ignore_index=True) if curves else
+            pd.DataFrame(columns=["run_id", "step", "train_loss", "val_loss"]), parent)
 
 
-def figures(runs: pd.DataFrame, table: pd.DataFrame, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lams = sorted(table["lambda_entropy"].unique())
-    modes = [m for m in SURGE_MODES if m in set(table["surge.mode"])]
-    for metric, label in METRICS.items():
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        width = 0.8 / max(len(lams), 1)
-        for i, lam in enumerate(lams):
-            sub = table[table["lambda_entropy"] == lam].set_index("surge.mode").reindex(modes)
-            ax.bar(np.arange(len(modes)) + i * width, sub[f"{metric}_mean"],
-                   width, yerr=sub[f"{metric}_std"], capsize=3, label=f"lambda {lam:g}")
-        ax.set_xticks(np.arange(len(modes)) + width * (len(lams) - 1) / 2, modes)
-        ax.set_title(label)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"{metric}.png", dpi=110)
-        plt.close(fig)
+def cost(client: Any, parent: str) -> tuple[float | None, float | None, str]:
+    """Wall and CPU seconds summed over the study's invocations (metrics study.wall_s and
+    study.cpu_s on the parent, one value per invocation), and how CPU was counted."""
+    wall = [m.value for m in client.get_metric_history(parent, "study.wall_s")]
+    cpu = [m.value for m in client.get_metric_history(parent, "study.cpu_s")]
+    run = client.get_run(parent)
+    basis = run.data.tags.get("lfmodel.study.cpu_basis", "not recorded")
+    return (sum(wall) if wall else None, sum(cpu) if cpu else None, basis)
 
 
-def build_report(study_id: str, experiment: str, seconds: float | None = None) -> Path:
-    runs = collect(study_id, experiment)
+def write_report(study_id: str, experiment: str, out: Path = OUT,
+                 n_resamples: int | None = None) -> Path:
+    """reports/study/ from MLflow (report.build_report), plus cost.json."""
+    runs, curves, parent = collect(study_id, experiment)
     if runs.empty:
-        raise SystemExit(f"study: no MLflow runs tagged dvc.exp_name '{study_id}-*'")
-    OUT.mkdir(parents=True, exist_ok=True)
-    runs.sort_values(["surge.mode", "lambda_entropy", "seed"]).to_csv(OUT / "runs.csv", index=False)
-    table = summarize(runs)
-    table.to_csv(OUT / "table.csv", index=False)
-    md = [f"# Study {study_id}\n",
-          f"{len(runs)} runs ({int((runs['status'] == 'FINISHED').sum())} finished); "
-          "mean ± std over seeds; run ids in runs.csv. Budget per run: "
-          f"{'/'.join(str(v) for v in sorted(runs['train.steps'].unique()))} training steps, "
-          "target sparsity "
-          f"{'/'.join(str(v) for v in sorted(runs['surge.target_sparsity'].dropna().unique()))}"
-          " (dense: 0)."
-          + (f" Wall time: {seconds / 60:.1f} min." if seconds else "") + "\n",
-          markdown_table(table)]
-    (OUT / "table.md").write_text("\n".join(md))
-    (OUT / "verdict.md").write_text(verdicts(runs))
-    figures(runs, table, OUT)
-    return OUT
+        raise StudyError(f"study {study_id!r}: no complete runs under parent run {parent}")
+    client, _ = get_client(experiment)
+    wall, cpu, basis = cost(client, parent)
+    kw = {} if n_resamples is None else {"n_resamples": n_resamples}
+    try:
+        out = report.build_report(runs, curves, out, wall_s=wall, cpu_s=cpu, **kw)
+    except ValueError as err:
+        raise StudyError(str(err)) from None
+    (Path(out) / "cost.json").write_text(json.dumps(
+        {"study_id": study_id, "parent_run_id": parent, "runs": len(runs), "wall_s": wall,
+         "cpu_s": cpu, "cpu_basis": basis}, indent=1) + "\n")
+    return Path(out)
 
+
+# ---------------------------------------------------------------------------- running
+
+def _sweep(study_id: str, points: Points, backend: str, jobs: int, address: str | None,
+           experiment: str) -> list[str]:
+    if backend == "ray":
+        return run_ray(study_id, points, address, experiment)
+    return run_local(study_id, points, jobs, experiment)
+
+
+def matched_phase(study_id: str, dmap: dict[str, dict], experiment: str) -> dict[str, dict]:
+    """Phase 2: static at the sparsity the bare controller reached (mean over its complete 1x
+    runs), same seeds and common overrides as the bare runs; {} (said why) when not asked or
+    not possible yet."""
+    bare = {n: d for n, d in dmap.items() if d["arm"] == "adaptive_bare" and d["budget"] == 1}
+    if not bare:
+        return {}
+    runs, _, _ = collect(study_id, experiment)
+    done = runs[runs["arm"] == "adaptive_bare"] if len(runs) else runs
+    if len(done) < len(bare):
+        print(f"study {study_id}: matched static waits for every bare-controller run "
+              f"({len(done)} of {len(bare)} complete)", file=sys.stderr)
+        return {}
+    reached = float(done["sparsity"].mean())
+    one = next(iter(bare.values()))["sets"]
+    common = {k: v for k, v in one.items() if not k.startswith("surge.")
+              and k not in ("train.steps", "seed")}
+    try:
+        matched = arms.matched_static(reached, sorted({d["seed"] for d in bare.values()}),
+                                      common=common)
+    except ValueError:
+        print(f"study {study_id}: bare controller reached sparsity {reached:.3f}: no matched "
+              "static to run", file=sys.stderr)
+        return {}
+    print(f"study {study_id}: bare controller reached sparsity {reached:.3f}; phase 2: "
+          f"{len(matched.points)} static runs at {round(reached, 2):g}", flush=True)
+    return design_map(matched, study_id)
+
+
+def run_study(study_id: str, design: arms.Design | None, backend: str = "local", jobs: int = 2,
+              address: str | None = None, experiment: str | None = None,
+              extra: dict[str, Any] | None = None, cores: int | None = None) -> list[str]:
+    """Run (or resume) a study: the stored design if the id exists, else `design`; then the
+    matched-static phase; log wall and CPU time on the parent. Returns the missing names."""
+    experiment = experiment or load_params()["tracking"]["experiment"]
+    client, exp_id = get_client(experiment)
+    parent = find_parent(client, exp_id, study_id)
+    dmap = stored_design(client, parent) if parent else {}
+    if dmap:
+        print(f"study {study_id}: resuming the design stored in parent run {parent} "
+              f"({len(dmap)} points)", flush=True)
+    elif design is None:
+        raise StudyError(f"study {study_id!r} has no stored design to resume")
+    else:
+        dmap = design_map(design, study_id)
+    t0 = time.time()
+    phase1 = {n: d for n, d in dmap.items() if d["arm"] != "static_matched"}
+    points = to_points(phase1, study_id, extra)
+    try:
+        check_grid(points, study_id)
+        parent = parent_run(client, exp_id, study_id, points, backend)
+    except SweepError as err:
+        raise StudyError(str(err)) from None
+    store_design(client, parent, phase1)
+    missing = _sweep(study_id, points, backend, jobs, address, experiment)
+    if not missing:
+        phase2 = matched_phase(study_id, phase1, experiment)
+        if phase2:
+            both = {**phase1, **phase2}
+            store_design(client, parent, both)
+            missing = _sweep(study_id, to_points(both, study_id, extra), backend, jobs,
+                             address, experiment)
+    wall = time.time() - t0
+    used = min(jobs, os.cpu_count() or 1) if backend == "local" else cores
+    client.log_metric(parent, "study.wall_s", wall, step=int(t0))
+    if used:
+        client.log_metric(parent, "study.cpu_s", used * wall, step=int(t0))
+        client.set_tag(parent, "lfmodel.study.cpu_basis",
+                       f"{used} cores x wall (the runs do not record their process CPU)")
+    print(f"study {study_id}: {wall / 60:.1f} min wall this invocation", flush=True)
+    return missing
+
+
+# ---------------------------------------------------------------------------- command
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--modes", nargs="+", default=list(SURGE_MODES), choices=SURGE_MODES)
-    ap.add_argument("--lambdas", nargs="+", type=float, default=[-0.05, 0.0, 0.05])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=STUDY_OVERRIDES["train.steps"])
-    ap.add_argument("-j", "--jobs", type=int, default=2)
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="extra -S overrides for every grid point")
-    ap.add_argument("--study-id", default=None)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    old = [a.split("=")[0] for a in argv if a.split("=")[0] in OLD_FLAGS]
+    if old:
+        print(f"study: {old[0]} was replaced by the study design (lfmodel.arms): "
+              "`lfmodel study [--full] [--minutes M]`; a custom grid is `lfmodel sweep -S ...`",
+              file=sys.stderr)
+        raise SystemExit(2)
+    ap = argparse.ArgumentParser(prog="lfmodel study", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study-id", default=STUDY_ID, help="sweep id; reuse it to resume")
+    ap.add_argument("--full", action="store_true", help="arms.full_design (a cluster's)")
+    ap.add_argument("--minutes", type=float, default=90.0, help="wall budget of the default "
+                    "design on this machine's cores")
+    ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
+                    help="local: parallel runs (one torch thread each)")
+    ap.add_argument("--backend", choices=("local", "ray"), default="local")
+    ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
-    params = load_params()
-    study_id = args.study_id or time.strftime("study%m%d%H%M")
-    if args.report_only:
-        if not args.study_id:
-            ap.error("--report-only needs --study-id")
-        print(f"study: report -> {build_report(study_id, params['tracking']['experiment'])}")
-        return
-    overrides = {**STUDY_OVERRIDES, "train.steps": args.steps}
-    overrides.update(parse_axis(s) for s in args.set)
-    overrides = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in overrides.items()}
-    grid = Grid({"surge.mode": args.modes, "lambda_entropy": args.lambdas, "seed": args.seeds},
-                overrides)
-    t0 = time.time()
-    try:  # a resumed study (same --study-id) queues only the points without a complete run
-        missing = run_local(study_id, grid, args.jobs, params["tracking"]["experiment"])
-    except SweepError as err:
+    try:
+        if args.minutes <= 0 or args.jobs <= 0:
+            raise StudyError("--minutes and --jobs must be positive")
+        experiment = load_params()["tracking"]["experiment"]
+        if not args.report_only:
+            design = None
+            client, exp_id = get_client(experiment)
+            if not find_parent(client, exp_id, args.study_id):
+                batch = DEFAULTS["train"]["batch_size"]
+                if args.full:
+                    design = arms.full_design(common={"train.batch_size": batch,
+                                                      "train.threads": 1})
+                else:
+                    sps = calibrate(batch)
+                    design, cpu = arms.default_design(sps, batch, args.minutes, args.jobs,
+                                                      RUN_OVERHEAD_S)
+                    print(f"study {args.study_id}: measured {sps * 1000:.1f} ms CPU/step "
+                          f"(batch {batch}, 1 thread); {len(design.points)} runs, predicted "
+                          f"{cpu / 3600:.2f} CPU-h, ~{cpu / args.jobs / 60:.0f} min on "
+                          f"{args.jobs} cores", flush=True)
+                for note in design.notes:
+                    print(f"  design: {note}", flush=True)
+            missing = run_study(args.study_id, design, args.backend, args.jobs, args.address,
+                                experiment)
+        else:
+            missing = []
+        out = write_report(args.study_id, experiment)
+    except (StudyError, SweepError, ParamsError) as err:
         print(f"study: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    seconds = time.time() - t0
-    print(f"study {study_id}: grid finished in {seconds / 60:.1f} min")
-    out = build_report(study_id, params["tracking"]["experiment"], seconds)
-    print(f"study: report -> {out}/table.md, verdict.md, runs.csv")
+    print(f"study {args.study_id}: report -> {out}/ (runs.csv, comparisons.md, verdict.md, ...)")
     if missing:
-        sys.exit(1)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

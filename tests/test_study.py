@@ -1,87 +1,102 @@
-"""The study report: built from real MLflow runs (SQLite store in tmp), every number traceable."""
+"""`lfmodel study`: a tiny design end to end through the local sweep backend (real dvc queue,
+real MLflow on SQLite in a temp repo), resume by id, --report-only; names and old flags."""
 
 from __future__ import annotations
 
-import itertools
+import shutil
 
 import pandas as pd
 import pytest
+from conftest import GIT_ENV, ROOT
 
-from lfmodel import study
+from lfmodel import arms, study
 from lfmodel.tracking import get_client
 
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+EXP = "entropy-dynamics"  # params.yaml's: --report-only reads it there
 
 
-def _log_grid(study_id: str, experiment: str) -> list[str]:
-    """Synthetic runs: adaptive has lower variance; token entropy falls with lambda."""
-    client, exp_id = get_client(experiment)
-    ids = []
-    for mode, lam, seed in itertools.product(["dense", "adaptive"], [-0.05, 0.0, 0.05], [0, 1, 2]):
-        run = client.create_run(exp_id, tags={"dvc.exp_name": study.exp_name(study_id, mode, lam,
-                                                                             seed)})
-        rid = run.info.run_id
-        for k, v in {"surge.mode": mode, "lambda_entropy": lam, "seed": seed}.items():
-            client.log_param(rid, k, str(v))
-        noise = 0.001 * seed
-        metrics = {"excess_loss": 0.2 + noise, "sparsity": 0.5 if mode == "adaptive" else 0.0,
-                   "token_entropy": 1.0 - 10 * lam + noise, "usage_entropy": 1.3,
-                   "expert_regime_nmi": 0.1 + lam + noise,
-                   "train_loss_var_last20": (0.001 if mode == "adaptive" else 0.01) + noise / 10}
-        for k, v in metrics.items():
-            client.log_metric(rid, k, v)
-        client.set_tag(rid, "dvc.stage.evaluate", "done")
-        client.set_terminated(rid)
-        ids.append(rid)
-    # a run whose train stage finished but evaluate never ran is listed, not averaged
-    partial = client.create_run(exp_id, tags={"dvc.exp_name": study.exp_name(study_id, "dense",
-                                                                             0.0, 9)})
-    client.log_param(partial.info.run_id, "surge.mode", "dense")
-    client.set_terminated(partial.info.run_id)
-    ids.append(partial.info.run_id)
-    # a run of another study must not leak in
-    other = client.create_run(exp_id, tags={"dvc.exp_name": "otherstudy-dense-l0-s0"})
-    client.log_param(other.info.run_id, "surge.mode", "dense")
-    return ids
+def _tiny_design(seeds=(0, 1, 2)) -> arms.Design:
+    c = {"train.threads": 1}
+    return arms.Design(tuple(p for s in seeds for p in (
+        arms.point("dense", s, common=c), arms.point("static", s, 0.5, common=c))))
 
 
-def test_study_report_traces_to_runs(store):
-    ids = _log_grid("st1", "exp")
-    out = study.build_report("st1", "exp")
-    runs = pd.read_csv(out / "runs.csv")
-    assert sorted(runs["run_id"]) == sorted(ids)
-    table = pd.read_csv(out / "table.csv")
-    assert len(table) == 6 and (table["n_seeds"] == 3).all()
-    assert (runs["status"] == "INCOMPLETE (FINISHED)").sum() == 1
-    dense0 = table[(table["surge.mode"] == "dense") & (table["lambda_entropy"] == 0.0)].iloc[0]
-    assert dense0["token_entropy_mean"] == pytest.approx(1.001)
-    assert dense0["token_entropy_std"] == pytest.approx(0.001)
-    md = (out / "table.md").read_text()
-    assert "| dense | 0 | 3 |" in md and "±" in md
-    verdict = (out / "verdict.md").read_text()
-    assert "adaptive vs dense: train-loss variance" in verdict
-    line = next(v for v in verdict.splitlines() if v.startswith("- adaptive vs dense: train-loss"))
-    assert "**holds**" in line
-    gen = next(v for v in verdict.splitlines() if v.startswith("- adaptive vs dense: excess"))
-    assert "no effect" in gen
-    assert "strictly decreasing" in verdict
-    assert (out / "excess_loss.png").stat().st_size > 0
-
-
-def test_study_report_without_runs_fails_clearly(store):
-    get_client("exp")
-    with pytest.raises(SystemExit, match="no MLflow runs"):
-        study.build_report("nothing", "exp")
-
-
-def test_judge_thresholds():
-    assert study.judge(-1.0, -1.0) == "holds"
-    assert study.judge(1.0, 1.0).startswith("does not hold (opposite")
-    assert study.judge(0.01, 0.1).startswith("does not hold (no effect")
-    assert study.judge(0.5, 0.5) == "inconclusive"
+def test_points_names_and_matched_common():
+    d = _tiny_design()
+    dmap = study.design_map(d, "st")
+    pts = study.to_points(dmap, "st", {"train.steps": 20})
+    names = [pts.name("st", p) for p in pts.points()]
+    assert names == [p.name("st") for p in d.points] == list(dmap)
+    sets = pts.sets(pts.points()[1])
+    assert "surge.target_sparsity=0.5" in sets and "train.steps=20" in sets  # extra wins
+    assert not any(s.startswith("train.steps=1") for s in sets)
+    assert dmap["st-static-p0.5-b1x-s2"]["arm"] == "static"
+    # a grown list (phase 2) may reuse the id, a changed point may not
+    grown = study.to_points({**dmap, **study.design_map(arms.matched_static(0.43, [0]), "st")},
+                            "st", {"train.steps": 20})
+    assert grown.merged(pts.identity()) is not None and pts.merged(grown.identity()) is not None
+    changed = study.to_points(dmap, "st", {"train.steps": 21})
+    assert changed.merged(pts.identity()) is None
     assert study.exp_name("s", "rigl", -0.05, 2) == "s-rigl-lm0.05-s2"
+
+
+def test_calibrate_measures_a_step(one_thread):
+    sps = study.calibrate(8, steps=3)
+    assert 0 < sps < 5
+
+
+def test_old_flags_and_bad_input_one_line(capsys, tmp_path, monkeypatch):
+    shutil.copy(ROOT / "params.yaml", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for argv in (["--modes", "dense"], ["--seeds", "0", "1"], ["--minutes", "0"],
+                 ["--report-only", "--study-id", "nope"]):
+        with pytest.raises(SystemExit) as e:
+            study.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1, (argv, err)
+    assert "was replaced" in err[0] or "no MLflow parent run" in err[0]
+
+
+def test_tiny_study_end_to_end(dvc_repo, tmp_path, monkeypatch, capsys):
+    """2 arms x 3 seeds through the DVC queue: runs.csv traces to run ids and the parent run;
+    the same id again queues nothing; --report-only rebuilds from MLflow."""
+    repo = dvc_repo()
+    monkeypatch.chdir(repo)
+    for k, v in GIT_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    extra = {"train.steps": 20, "train.eval_every": 5}
+    missing = study.run_study("tst", _tiny_design(), jobs=2, experiment=EXP, extra=extra)
+    assert missing == []
+    out = study.write_report("tst", EXP, n_resamples=1000)
+    client, exp_id = get_client(EXP)
+    parent = study.find_parent(client, exp_id, "tst")
+    kids = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs["run_id"]) == sorted(k.info.run_id for k in kids) and len(runs) == 6
+    assert set(runs["parent_run_id"]) == {parent}
+    assert sorted(zip(runs["arm"], runs["seed"], strict=True)) == sorted(
+        (a, s) for a in ("dense", "static") for s in (0, 1, 2))
+    assert runs.loc[runs["arm"] == "static", "sparsity"].between(0.45, 0.55).all()
+    assert runs.loc[runs["arm"] == "dense", "sparsity"].eq(0).all()
+    assert {k.data.tags.get("lfmodel.arm") for k in kids} == {"dense", "static"}
+    for f in ("comparisons.md", "verdict.md", "table.md", "cost.json"):
+        assert (out / f).stat().st_size > 0, f
+    assert parent in (out / "verdict.md").read_text()
+    assert "cores x wall" in (out / "cost.json").read_text()
+    capsys.readouterr()
+
+    # resume by id: the stored design, nothing new queued, no new runs
+    assert study.run_study("tst", None, jobs=2, experiment=EXP, extra=extra) == []
+    said = capsys.readouterr().out
+    assert "resuming the design stored" in said and "6 already complete, queued 0" in said
+    assert len(client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent}'")) == 6
+
+    # --report-only rebuilds reports/study/ from MLflow
+    for f in out.iterdir():
+        f.unlink()
+    study.main(["--study-id", "tst", "--report-only"])
+    again = pd.read_csv(out / "runs.csv")
+    assert sorted(again["run_id"]) == sorted(runs["run_id"])
+    assert (out / "comparisons.md").exists() and (out / "verdict.md").exists()
