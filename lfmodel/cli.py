@@ -3,7 +3,7 @@
     lfmodel sweep -S 'lambda_entropy=0,0.01' -S surge.mode=static,rigl --seeds 0-2 --name s1
     lfmodel sweep ... --backend ray --address HEAD:6379      # needs MLFLOW_TRACKING_URI
     lfmodel server --data DIR [--port P] [--db-uri postgresql://...]
-    lfmodel study [study options]                            # = make study
+    lfmodel study [--study-id ID] [--full] [--minutes 90] [-j N] [--report-only]  # = make study
     lfmodel ui [--port P]                                    # = make ui
 
 Bad input is one line on stderr and exit code 2, with nothing queued.

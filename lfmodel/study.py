@@ -57,11 +57,12 @@ from lfmodel.training import task_loss
 OUT = report.OUT
 STUDY_ID = "study"  # the default id: rerunning `make study` resumes it; a new study, a new id
 CALIB_STEPS, CALIB_WARMUP = 20, 3
-# CPU-seconds per run outside the training steps (dvc, the 4 stage start-ups, prepare from the
-# run cache, trace, evaluate, MLflow). Measured: CPU of `dvc exp run -S train.steps=21
-# -S train.threads=1` on a default-params copy (prepare restored from the run cache) minus
-# 21 x the per-step CPU (python /tmp overhead script, see the H8 report; 2-core machine).
-RUN_OVERHEAD_S = 30.0
+# CPU-seconds per run outside the training steps (dvc, the 4 stage start-ups, prepare, trace,
+# evaluate, MLflow). Measured on the 2-core machine: process CPU (getrusage of the children) of
+# `dvc exp run -S train.steps=21 -S train.threads=1 -S train.eval_every=10` on a default-params
+# copy of the project, 26.2 s (26.4 s at 20 steps with prepare not cached: prepare is ~1 s),
+# minus 21 x calibrate(32) = 21 x 46.5 ms: 25.2 s. A queued run adds the queue worker's share.
+RUN_OVERHEAD_S = 25.0
 DESIGN_FILE = "design.json"
 OLD_FLAGS = ("--modes", "--lambdas", "--seeds", "--steps", "--set")
 
