@@ -17,7 +17,8 @@ nor a power loss right after leaves a torn or vanished checkpoint.
     the checkpoint and put back on resume;
   * the tracker is flushed before each save, so MLflow holds every metric up to the checkpoint
     even after a SIGKILL. Metrics logged between the last checkpoint and a kill are logged
-    again (same steps, same values) by the resumed run.
+    again (same steps, same values) by the resumed run. A flush that fails (the tracking server
+    went away) raises before the write, so no checkpoint claims steps MLflow never got.
 """
 
 from __future__ import annotations
@@ -200,8 +201,8 @@ class Checkpointer:
             print(f"checkpoint: weights not finite at step {trainer.step}; keeping the "
                   f"checkpoint of step {self.saved_step}", file=sys.stderr)
             return False
-        if self.tracker is not None:
-            self.tracker.flush()
+        if self.tracker is not None:  # a failing flush raises before the write: the previous
+            self.tracker.flush()      # checkpoint stays, the rerun logs those steps again
         if self.mirror is not None and self.mirror.is_dir():
             self._mirror_copy.mkdir(parents=True, exist_ok=True)
             for f in self.mirror.iterdir():

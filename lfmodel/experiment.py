@@ -23,7 +23,7 @@ from lfmodel.faults import fault_hooks
 from lfmodel.models import build_model
 from lfmodel.runtime import select_device
 from lfmodel.sparsity import build_schedule
-from lfmodel.tracking import RUN_FILE, MLflowHook, file_hash, stage_run
+from lfmodel.tracking import RUN_FILE, MLflowHook, TrackingUnavailable, file_hash, stage_run
 from lfmodel.training import DivergenceError, TrainConfig, Trainer, seed_everything
 
 DATA, MODEL, REPORTS, CKPT = (Path("data/prepared"), Path("data/model"), Path("reports/train"),
@@ -31,7 +31,8 @@ DATA, MODEL, REPORTS, CKPT = (Path("data/prepared"), Path("data/model"), Path("r
 
 
 class TrainStopped(Exception):
-    """Training stopped before the end (divergence, signal): the message says what is kept;
+    """Training stopped before the end (divergence, signal, tracking server gone): the message
+    says what is kept;
     `exit_code` is what the stage exits with."""
 
     def __init__(self, message: str, exit_code: int) -> None:
@@ -90,6 +91,12 @@ def train(params: dict) -> Trainer:
                 else "no checkpoint was written before it")
         raise TrainStopped(f"{err}; {kept}. Change the params (e.g. lower train.lr) to start "
                            "over.", 1) from None
+    except TrackingUnavailable as err:
+        step = trainer.step if trainer is not None else 0
+        kept = (f"checkpoint of step {ckpt.saved_step} kept in {ckpt.path}; rerun when the "
+                "server is back to resume into the same run" if ckpt.saved_step is not None
+                else "no checkpoint yet; a rerun starts over")
+        raise TrainStopped(f"{err}; stopped at step {step}, {kept}", 1) from None
     except KeyboardInterrupt as err:
         step = trainer.step if trainer is not None else 0
         kept = (f"rerun to resume from the checkpoint of step {ckpt.saved_step}"

@@ -32,6 +32,17 @@ in every experiment's outputs) and, for experiments, the run's `dvc.exp_name` ta
 
 MLflow's INFO chatter (schema creation/migration) is silenced unless `MLFLOW_LOGGING_LEVEL` is
 set, so stage output stays readable under `dvc repro`.
+
+A tracking server that goes away mid-stage (issue 11). MLflow's HTTP client retries a refused
+connection for minutes (7 retries, backoff factor 2, 120 s timeout) and then a traceback comes
+out of the stage. `stage_run` first bounds that for stage processes (`HTTP_RETRY_ENV`:
+3 retries, backoff factor 1, 20 s timeout, so a dead server is known in ~6-9 s per call; MLflow
+reads these variables at every request, and a value the user exported wins). A tracker call
+that fails while the server's /health does not answer raises `TrackingUnavailable` (one line:
+the URI); later calls check /health once instead of waiting again. The stage then settles the run
+if the server came back, else says the run could not be marked (it stays RUNNING; the rerun
+resumes it). The checkpointer flushes before it writes, so a failed flush keeps the previous
+checkpoint and the rerun logs the steps since then again, none twice, none missing.
 """
 
 from __future__ import annotations
@@ -55,6 +66,21 @@ from lfmodel.config import flatten
 from lfmodel.server import ServerError, check_tracking_server  # H3: preflight hook
 
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
+
+# MLflow's HTTP retry settings for stage processes (see the module docstring); setdefault only.
+HTTP_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+                  "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stopped answering during a stage; the message names the URI."""
+
+
+def bound_http_retries() -> None:
+    """A dead server is reported in seconds, not minutes; a variable the user set wins."""
+    for key, value in HTTP_RETRY_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def repo_root() -> Path:
@@ -129,6 +155,10 @@ def _quiet_mlflow() -> None:
         return
     for name in ("mlflow.store.db.utils", "mlflow.store.db", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # an async batch's failure is re-raised by its wait() in Tracker.flush, and urllib3's retry
+    # notices precede a failure reported there: neither needs its own lines on stderr
+    logging.getLogger("mlflow.utils.async_logging").setLevel(logging.CRITICAL)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def get_client(experiment: str) -> tuple[Any, str]:
@@ -227,13 +257,39 @@ def log_dataset(client: Any, run_id: str, data_dir: str | Path = "data/prepared"
 
 
 class Tracker:
-    """Buffered, async metric logging into one run; artifacts; status bookkeeping."""
+    """Buffered, async metric logging into one run; artifacts; status bookkeeping.
+
+    Every call to the store goes through `_send`: a failure while the tracking server does not
+    answer raises TrackingUnavailable, and once the server is lost each later call checks
+    /health once (fast) instead of spending MLflow's retries again.
+    """
 
     def __init__(self, client: Any, run_id: str, stage: str, flush_every: int = 1000) -> None:
         self.client, self.run_id, self.stage = client, run_id, stage
         self.flush_every = flush_every
+        self.uri = tracking_uri()
+        self.lost = False
         self._buffer: list[Any] = []
         self._pending: list[Any] = []
+
+    def _check_server(self) -> None:
+        """Raise TrackingUnavailable if the URI is a server whose /health does not answer."""
+        try:
+            check_tracking_server(self.uri, seconds=0)
+        except ServerError:
+            self.lost = True
+            raise TrackingUnavailable(f"MLflow tracking server {self.uri} stopped answering "
+                                      f"during {self.stage}") from None
+        self.lost = False
+
+    def _send(self, fn: Callable[[], Any]) -> Any:
+        if self.lost:
+            self._check_server()
+        try:
+            return retry(fn)
+        except Exception:
+            self._check_server()  # a server that is gone says so; any other failure is raised
+            raise
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -241,18 +297,20 @@ class Tracker:
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items()
                             if v is not None and v == v)
-        if len(self._buffer) >= self.flush_every:
+        if len(self._buffer) >= self.flush_every and not self.lost:
             self.flush(wait=False)
 
     def flush(self, wait: bool = True) -> None:
         """Send buffered metrics (async batches); wait=True blocks until all are stored.
 
-        An async batch that failed (e.g. the store stayed locked) is resent synchronously.
+        An async batch that failed (e.g. the store stayed locked) is resent synchronously,
+        unless the server is gone (TrackingUnavailable: the checkpointer then keeps the
+        previous checkpoint).
         """
         while self._buffer:
             chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
-            op = retry(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c,
-                                                             synchronous=False))
+            op = self._send(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c,
+                                                                  synchronous=False))
             self._pending.append((op, chunk))
         if wait:
             pending, self._pending = self._pending, []
@@ -261,33 +319,34 @@ class Tracker:
                     if op is not None:
                         op.wait()
                 except Exception:
-                    retry(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c))
+                    self._check_server()
+                    self._send(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c))
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
         flat = [Param(k, str(v)) for k, v in flatten(params).items()]
         for i in range(0, len(flat), 100):
-            retry(lambda c=flat[i:i + 100]: self.client.log_batch(self.run_id, params=c))
+            self._send(lambda c=flat[i:i + 100]: self.client.log_batch(self.run_id, params=c))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        retry(lambda: self.client.log_batch(
+        self._send(lambda: self.client.log_batch(
             self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            retry(lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
+            self._send(lambda: self.client.log_artifacts(self.run_id, str(path), artifact_path))
         elif path.exists():
-            retry(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+            self._send(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def set_status(self, status: str) -> None:
         if status == "RUNNING":
-            retry(lambda: self.client.update_run(self.run_id, status="RUNNING"))
+            self._send(lambda: self.client.update_run(self.run_id, status="RUNNING"))
         else:
-            retry(lambda: self.client.set_terminated(self.run_id, status=status))
+            self._send(lambda: self.client.set_terminated(self.run_id, status=status))
 
 
 RUN_FILE = "reports/train/run.json"
@@ -327,16 +386,24 @@ def _new_run(client: Any, exp_id: str, stage: str, params: dict,
     return tracker
 
 
-def _settle(tracker: Tracker, stage: str, status: str, tags: dict[str, str]) -> None:
-    """Flush, tag and set the terminal status; a failing flush never keeps the run RUNNING."""
+def _settle(tracker: Tracker, stage: str, status: str, tags: dict[str, str]) -> bool:
+    """Flush, tag and set the terminal status; True once marked. A failing flush never keeps
+    the run RUNNING; a server that is gone is not waited for (False: the caller's one line
+    says the run could not be marked)."""
     try:
-        tracker.flush()
-    except Exception as err:  # still mark the run
-        print(f"{stage}: MLflow flush failed: {err}", file=sys.stderr)
-    try:
-        tracker.set_tags(tags)
-    finally:
-        tracker.set_status(status)
+        try:
+            tracker.flush()
+        except TrackingUnavailable:
+            raise
+        except Exception as err:  # still mark the run
+            print(f"{stage}: MLflow flush failed: {err}", file=sys.stderr)
+        try:
+            tracker.set_tags(tags)
+        finally:
+            tracker.set_status(status)
+    except TrackingUnavailable:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -347,6 +414,7 @@ def stage_run(stage: str, params: dict, run_id: str | None = None) -> Iterator[T
     run_id the store does not know starts a new run (see the module docstring); the stage
     should report `tracker.run_id`, the run it really logged into.
     """
+    bound_http_retries()
     # --- server preflight hook (H3, issue 11): a tracking server that is down fails the stage
     # in seconds with one line, not after minutes of MLflow's HTTP retries and a traceback.
     try:
@@ -376,6 +444,11 @@ def stage_run(stage: str, params: dict, run_id: str | None = None) -> Iterator[T
     except KeyboardInterrupt:
         _settle(tracker, stage, "KILLED", {f"dvc.stage.{stage}": "killed"})
         raise
+    except TrackingUnavailable as err:
+        marked = _settle(tracker, stage, "FAILED", {f"dvc.stage.{stage}": "failed",
+                                                    f"dvc.stage.{stage}.error": str(err)})
+        state = "marked FAILED" if marked else "could not be marked (left RUNNING)"
+        raise TrackingUnavailable(f"{err}; run {tracker.run_id} {state}") from None
     except BaseException as err:
         _settle(tracker, stage, "FAILED", {f"dvc.stage.{stage}": "failed",
                                            f"dvc.stage.{stage}.error": str(err)[:4000]})

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 from conftest import BIN, run
 from test_sweep import LFMODEL, _env, _stop_group
@@ -101,3 +102,66 @@ def test_stage_fails_fast_when_nothing_listens(dvc_repo):
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and uri in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     assert seconds < 30, seconds
+
+
+def test_server_gone_mid_run_stops_then_rerun_resumes_into_the_same_run(dvc_repo, tmp_path):
+    """The server's process group is SIGKILLed while train runs: one line naming the URI and
+    the kept checkpoint, exit 1, no traceback, no checkpoint past the failed flush. With the
+    server back on the same folder, a rerun resumes into the same run and finishes it, every
+    logged step of loss/train in MLflow exactly once."""
+    from mlflow.tracking import MlflowClient
+
+    from lfmodel.checkpoint import load_state
+
+    steps = 400
+    repo = dvc_repo({"train": {"steps": steps, "checkpoint_every": 10, "eval_every": 100}})
+    run(["dvc", "repro", "prepare"], repo)
+    data, port = tmp_path / "srv", free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = _env({"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(repo)})
+    ckpt = repo / "data/checkpoints/last.safetensors"
+    server, train, pids = _start(data, port), None, []
+    try:
+        info = json.loads((data / "server.json").read_text())
+        pids = [info["mlflow_pid"], info["postgres_pid"]]
+        train = subprocess.Popen([str(BIN / "python"), "-m", "stages.train"], cwd=repo, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+        deadline = time.monotonic() + 180
+        while not ckpt.exists():
+            assert train.poll() is None and time.monotonic() < deadline, train.communicate()
+            time.sleep(0.02)
+        os.killpg(info["mlflow_pid"], signal.SIGKILL)   # the server goes away mid-run
+        server.wait(60)                                 # lfmodel server stops PostgreSQL too
+        t0 = time.monotonic()
+        out, err = train.communicate(timeout=180)
+        seconds = time.monotonic() - t0
+        lines = err.strip().splitlines()
+        assert train.returncode == 1, (out, err)
+        assert len(lines) == 1 and "Traceback" not in err, err
+        assert uri in lines[0] and f"kept in {Path('data/checkpoints/last.safetensors')}" \
+            in lines[0], lines[0]
+        state = load_state(ckpt)
+        run_id, kept_step = state["run_id"], state["trainer"]["step"]
+        assert f"checkpoint of step {kept_step} kept" in lines[0]
+        assert 0 < kept_step < steps and seconds < 30, (kept_step, seconds)
+
+        server = _start(data, port)                      # back, same database
+        pids = [json.loads((data / "server.json").read_text())[k] for k in ("mlflow_pid",
+                                                                              "postgres_pid")]
+        proc = run([str(BIN / "python"), "-m", "stages.train"], repo,
+                   env={"MLFLOW_TRACKING_URI": uri}, timeout=300)
+        assert f"resuming from step {kept_step} (run {run_id})" in proc.stdout, proc.stdout
+        assert json.loads((repo / "reports/train/run.json").read_text())["run_id"] == run_id
+        client = MlflowClient(uri)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        logged = [m.step for m in client.get_metric_history(run_id, "loss/train")]
+        assert sorted(logged) == list(range(5, steps + 1, 5)), sorted(logged)
+        assert not ckpt.exists()
+    finally:
+        if train is not None and train.poll() is None:
+            _stop_group(train)
+        _stop_group(server)
+        for p in pids:
+            if p and _alive(p):
+                os.kill(p, signal.SIGKILL)
