@@ -113,7 +113,7 @@ def test_server_gone_mid_run_stops_then_rerun_resumes_into_the_same_run(dvc_repo
 
     from lfmodel.checkpoint import load_state
 
-    steps = 400
+    steps = 200
     repo = dvc_repo({"train": {"steps": steps, "checkpoint_every": 10, "eval_every": 100}})
     run(["dvc", "repro", "prepare"], repo)
     data, port = tmp_path / "srv", free_port()
@@ -131,14 +131,15 @@ def test_server_gone_mid_run_stops_then_rerun_resumes_into_the_same_run(dvc_repo
         while not ckpt.exists():
             assert train.poll() is None and time.monotonic() < deadline, train.communicate()
             time.sleep(0.02)
+        t0 = time.monotonic()
         os.killpg(info["mlflow_pid"], signal.SIGKILL)   # the server goes away mid-run
         server.wait(60)                                 # lfmodel server stops PostgreSQL too
-        t0 = time.monotonic()
         out, err = train.communicate(timeout=180)
         seconds = time.monotonic() - t0
         lines = err.strip().splitlines()
         assert train.returncode == 1, (out, err)
         assert len(lines) == 1 and "Traceback" not in err, err
+        assert "could not be marked" in lines[0], lines[0]
         assert uri in lines[0] and f"kept in {Path('data/checkpoints/last.safetensors')}" \
             in lines[0], lines[0]
         state = load_state(ckpt)
@@ -149,11 +150,12 @@ def test_server_gone_mid_run_stops_then_rerun_resumes_into_the_same_run(dvc_repo
         server = _start(data, port)                      # back, same database
         pids = [json.loads((data / "server.json").read_text())[k] for k in ("mlflow_pid",
                                                                               "postgres_pid")]
+        client = MlflowClient(uri)
+        assert client.get_run(run_id).info.status == "RUNNING"   # as the line said
         proc = run([str(BIN / "python"), "-m", "stages.train"], repo,
                    env={"MLFLOW_TRACKING_URI": uri}, timeout=300)
         assert f"resuming from step {kept_step} (run {run_id})" in proc.stdout, proc.stdout
         assert json.loads((repo / "reports/train/run.json").read_text())["run_id"] == run_id
-        client = MlflowClient(uri)
         assert client.get_run(run_id).info.status == "FINISHED"
         logged = [m.step for m in client.get_metric_history(run_id, "loss/train")]
         assert sorted(logged) == list(range(5, steps + 1, 5)), sorted(logged)
