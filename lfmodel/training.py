@@ -91,8 +91,10 @@ class Trainer:
         self.device = next(model.parameters()).device
         self.train_x, self.train_y = train["inputs"].to(self.device), train["targets"].to(self.device)
         self.val_x, self.val_y = val["inputs"].to(self.device), val["targets"].to(self.device)
+        # fused: one kernel for all parameters (Adam alone 3.0 -> 0.7 ms per step on the default
+        # model, bench/train_step.py); the same update up to float rounding
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
-                                          weight_decay=cfg.weight_decay)
+                                          weight_decay=cfg.weight_decay, fused=True)
         self.masks = MaskSet(model, self.optimizer)
         self.groups = groups(model)
         self.generator = torch.Generator().manual_seed(cfg.seed)
