@@ -1,28 +1,29 @@
-"""Entropy traces of a trained model on the test split, the metrics, and the figures.
-
-torch is imported only where a model runs (trace): the evaluate stage reads the traces, the
-weights (safetensors.numpy) and the curves without paying for it.
-"""
+"""Entropy traces of a trained model on the test split, the metrics, and the figures."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import torch
+from safetensors import safe_open
+from torch import nn
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+from lfmodel.entropy import (
+    entropy,
+    entropy_from_logits,
+    gate_entropies,
+    token_activation_entropy,
+    varentropy_from_logits,
+)
+from lfmodel.models import groups
 
 
 def measured_sparsity(model_dir: str | Path) -> float:
     """Zero fraction of the prunable weights, read from model.safetensors itself."""
-    from safetensors import safe_open
-
     model_dir = Path(model_dir)
     names = json.loads((model_dir / "config.json").read_text())["prunable"]
     zeros = total = 0
@@ -49,17 +50,6 @@ def trace(model: nn.Module, split: dict[str, torch.Tensor], batch_size: int = 25
       gates     per MoE layer: token_entropy = mean_t H(g_t) and usage_entropy = H(mean_t g_t)
                 (lfmodel.entropy.gate_entropies over the whole split, in float64).
     """
-    import torch
-
-    from lfmodel.entropy import (
-        entropy,
-        entropy_from_logits,
-        gate_entropies,
-        token_activation_entropy,
-        varentropy_from_logits,
-    )
-    from lfmodel.models import groups
-
     x, y = split["inputs"], split["targets"]
     n, s = x.shape
     tokens = y.dtype == torch.long

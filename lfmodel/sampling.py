@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lfmodel.artifacts import load_model
+from lfmodel.data import load_meta, load_split
 from lfmodel.entropy import entropy_from_logits, varentropy_from_logits
 
 BRANCHES = ("greedy", "temperature", "resample", "sample")
@@ -171,9 +173,6 @@ def write_samples(model_dir: str | Path, data_dir: str | Path, out_path: str | P
 
     Token data only: returns None (and writes nothing) for a series model.
     """
-    from lfmodel.artifacts import load_model
-    from lfmodel.data import load_meta, load_split
-
     meta = load_meta(data_dir)
     if meta.get("kind") != "tokens":
         return None
