@@ -5,6 +5,8 @@ from pathlib import Path
 
 from lfmodel.config import stage_main
 from lfmodel.evaluation import figures, metrics
+from lfmodel.runtime import select_device
+from lfmodel.sampling import write_samples
 from lfmodel.tracking import read_run_file, stage_run
 
 OUT, TRAIN, TRACES = Path("reports"), Path("reports/train"), Path("reports/traces")
@@ -24,8 +26,6 @@ def main(params: dict) -> None:
         for f in made:
             tracker.log_artifact(f, "figures")
         if meta["kind"] == "tokens":  # sampled continuations, branch per token (lfmodel.sampling)
-            from lfmodel.runtime import select_device
-            from lfmodel.sampling import write_samples
             tracker.log_artifact(write_samples("data/model", "data/prepared", OUT / "samples.md",
                                                seed=params["seed"],
                                                device=select_device(params["train"]["device"])))
