@@ -77,6 +77,17 @@ class TrackingUnavailable(RuntimeError):
     """The tracking server stopped answering during a stage; the message names the URI."""
 
 
+@contextlib.contextmanager
+def server_loss_exits(stage: str) -> Iterator[None]:
+    """Around a stage's run: a tracking server lost mid-stage is one line and exit 1 (the stage
+    is safe to rerun: its outputs are rewritten, the run is reopened by id)."""
+    try:
+        yield
+    except TrackingUnavailable as err:
+        print(f"{stage}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def bound_http_retries() -> None:
     """A dead server is reported in seconds, not minutes; a variable the user set wins."""
     for key, value in HTTP_RETRY_ENV.items():

@@ -7,7 +7,7 @@ from lfmodel.config import stage_main
 from lfmodel.evaluation import figures, metrics
 from lfmodel.runtime import select_device
 from lfmodel.sampling import write_samples
-from lfmodel.tracking import read_run_file, stage_run
+from lfmodel.tracking import read_run_file, server_loss_exits, stage_run
 
 OUT, TRAIN, TRACES = Path("reports"), Path("reports/train"), Path("reports/traces")
 
@@ -15,7 +15,7 @@ OUT, TRAIN, TRACES = Path("reports"), Path("reports/train"), Path("reports/trace
 @stage_main
 def main(params: dict) -> None:
     run_id = read_run_file()["run_id"]
-    with stage_run("evaluate", params, run_id=run_id) as tracker:
+    with server_loss_exits("evaluate"), stage_run("evaluate", params, run_id=run_id) as tracker:
         meta = json.loads(Path("data/prepared/meta.json").read_text())  # no torch here
         result = metrics(meta, TRACES, Path("data/model"), TRAIN)
         (OUT / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -19,7 +19,7 @@ from lfmodel.config import stage_main
 from lfmodel.data import load_split
 from lfmodel.evaluation import by_position, trace
 from lfmodel.runtime import select_device, set_threads
-from lfmodel.tracking import read_run_file, stage_run
+from lfmodel.tracking import read_run_file, server_loss_exits, stage_run
 
 OUT = Path("reports/traces")
 
@@ -30,7 +30,7 @@ def main(params: dict) -> None:
     set_threads(params["train"]["threads"])
     device = select_device(params["train"]["device"])
     run_id = read_run_file()["run_id"]
-    with stage_run("trace", params, run_id=run_id) as tracker:
+    with server_loss_exits("trace"), stage_run("trace", params, run_id=run_id) as tracker:
         model = load_model("data/model")[0].to(device)
         traces = trace(model, load_split("data/prepared", "test"))
         shutil.rmtree(OUT, ignore_errors=True)
