@@ -516,9 +516,19 @@ def run_ray(sweep_id: str, grid: Grid | Points, address: str | None, experiment:
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     env = {"MLFLOW_TRACKING_URI": tracking_uri(), "LFMODEL_SWEEP_ID": sweep_id,
            "LFMODEL_PARENT_RUN_ID": parent, "LFMODEL_EXPERIMENT": experiment}
-    task = ray.remote(run_point).options(num_cpus=params["train"]["threads"] or 1,
-                                         max_retries=max_retries, retry_exceptions=False)
-    pending = {task.remote(origin, commit, n, grid.sets(names[n]), env): n for n in todo}
+    task = ray.remote(run_point)
+
+    def resources(point: dict) -> dict:
+        """A task's CPUs = its train.threads (0: one); a GPU when its train.device is cuda."""
+        over = grid.overrides(point)
+        threads = int(over.get("train.threads", params["train"]["threads"])) or 1
+        cuda = over.get("train.device", params["train"]["device"]) == "cuda"
+        return {"num_cpus": threads, "num_gpus": 1 if cuda else 0}
+
+    pending = {task.options(**resources(names[n]), max_retries=max_retries,
+                            retry_exceptions=False).remote(origin, commit, n,
+                                                           grid.sets(names[n]), env): n
+               for n in todo}
     print(f"sweep {sweep_id}: {len(names)} grid points, {len(done)} already complete, submitted "
           f"{len(todo)} Ray tasks to {address} (MLflow parent run {parent})", flush=True)
     progress = Progress(sweep_id, len(names), len(done))
