@@ -1,7 +1,7 @@
 """Four queued experiments at `dvc queue start -j 2` against the same four run one after
 another, default params (train.threads 0): one JSON line.
 
-    BENCH_STEPS=1000 python bench/queue.py     # train.steps of every experiment (default: params)
+    BENCH_STEPS=1000 python bench/dvc_queue.py     # train.steps of every experiment (default: params)
 
 Builds a temp copy of the project (git + DVC, prepare run once so neither side pays for it),
 then times `dvc exp run` four times in a row (sequential) and four `dvc exp run --queue`
