@@ -97,7 +97,7 @@ def main() -> None:
         params["train"]["threads"] = int(os.environ["BENCH_THREADS"])
     seed_everything(params["seed"], params["train"]["threads"])
     splits, meta = prepare_regimes(params["data"], params["seed"])
-    train, val = splits["train"], splits["val"]
+    train, val = ({k: torch.as_tensor(a) for k, a in splits[s].items()} for s in ("train", "val"))
     cfg = TrainConfig.from_params(params)
     model = build_model(params["model"], meta["vocab_size"])
     bare = BareLoop(copy.deepcopy(model), train, val, cfg)

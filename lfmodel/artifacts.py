@@ -1,5 +1,6 @@
-"""The trained model folder (data/model/): weights, masks, config; written by train, read by
-trace and sampling. Pickle-free: safetensors plus JSON."""
+"""What the torch stages read and write: the prepared splits as tensors (written by prepare
+with numpy, lfmodel.data) and the trained model folder (data/model/: weights, masks, config;
+written by train, read by trace and sampling). Pickle-free: safetensors plus JSON."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ import json
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from lfmodel.models import build_model, prunable
 from lfmodel.sparsity import MaskSet
+
+
+def load_split(data_dir: str | Path, split: str) -> dict[str, Tensor]:
+    """One prepared split (data/prepared/<split>.safetensors) as CPU tensors."""
+    return load_file(str(Path(data_dir) / f"{split}.safetensors"))
 
 
 def save_model(out_dir: str | Path, model: nn.Module, masks: MaskSet, params: dict, meta: dict,

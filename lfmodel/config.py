@@ -3,7 +3,10 @@
 `params.yaml` is the only config and `DEFAULTS` below the only place a default is written
 (params.yaml repeats it, a test checks they are equal). Every stage calls `load_params()`
 before it writes anything; a bad key, type or value raises `ParamsError` with one line naming
-the key, which the stage entry point turns into exit code 2 (see `stage_main`).
+the key, which the stage entry point turns into exit code 2 (see `stage_main`). The checks
+that need torch or this machine (a cuda device, the batch's memory) are
+`runtime.check_resources`, which train runs before it writes anything: prepare and a sweep's
+driver stay free of torch.
 
 The stages read `params.yaml` in the working directory, or the file named by the environment
 variable `LFMODEL_PARAMS` (used by tests and to run a stage by hand against another params
@@ -22,8 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psutil
-import torch
 import yaml
 
 SURGE_MODES = ("dense", "static", "interval", "rigl", "adaptive", "gradual")
@@ -204,27 +205,6 @@ def step_floats_per_token(params: dict) -> int:
     return m["num_layers"] * block + 2 * dm + 2 * v
 
 
-def available_bytes(device: str) -> tuple[int, str]:
-    """Memory a training step may use: the GPU's for cuda, else the machine's available RAM."""
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return torch.cuda.get_device_properties(0).total_memory, "GPU memory"
-    return psutil.virtual_memory().available, "memory available"
-
-
-def _check_batch_fits(params: dict) -> None:
-    """Reject a batch whose activations cannot fit, before the allocator dies with a traceback."""
-    t = params["train"]
-    per_seq = 4 * step_floats_per_token(params) * params["data"]["seq_len"]
-    need = per_seq * t["batch_size"]
-    have, what = available_bytes(t["device"])
-    if need > have:
-        raise ParamsError(
-            f"'train.batch_size' = {t['batch_size']} does not fit: one step needs at least "
-            f"{need / 2**30:.3g} GiB of activations ({per_seq / 2**10:.0f} KiB per sequence of "
-            f"data.seq_len {params['data']['seq_len']}), the limit is the {have / 2**30:.1f} GiB "
-            f"of {what}; the largest batch that could fit is {have // per_seq}")
-
-
 def data_file(params: dict, base_dir: str | os.PathLike = ".") -> Path:
     """The data file of text/series: `data.path`, relative to base_dir (the params file's folder)."""
     return Path(base_dir) / params["data"]["path"]
@@ -264,10 +244,6 @@ def validate(raw: dict | None, base_dir: str | os.PathLike = ".") -> dict:
                           "when surge.mode is gradual (else there is no ramp)")
     if data["val_fraction"] + data["test_fraction"] >= 0.9:
         raise ParamsError("'data.val_fraction' + 'data.test_fraction' must leave training data")
-    if params["train"]["device"] == "cuda" and not torch.cuda.is_available():
-        raise ParamsError("'train.device' is cuda but torch sees no CUDA GPU here "
-                          f"(torch {torch.__version__}); use auto or cpu")
-    _check_batch_fits(params)
     return params
 
 
@@ -305,10 +281,9 @@ def stage_main(fn: Callable[[dict], None]) -> Callable[[], None]:
     @functools.wraps(fn)
     def wrapper() -> None:
         try:
-            params = load_params(params_file())
-        except ParamsError as err:
+            fn(load_params(params_file()))
+        except ParamsError as err:  # also one a stage finds later (runtime.check_resources)
             print(f"params.yaml: {err}", file=sys.stderr)
             raise SystemExit(2) from None
-        fn(params)
 
     return wrapper

@@ -1,6 +1,8 @@
 """Datasets: regimes (a hidden Markov model with an exact Bayes loss), text and series.
 
-Every split is saved as safetensors (no pickle) plus a `meta.json`:
+numpy only (prepare needs no torch: it starts faster); the torch stages read the splits with
+lfmodel.artifacts.load_split. Every split is saved as safetensors (no pickle) plus a
+`meta.json`:
     inputs [N, S], targets [N, S]           long (tokens) or float32 (series)
     regimes [N, S]                          regimes only: the regime that emits each target
     bayes_nll [N, S]                        regimes only: -log p(target | prefix), exact filter
@@ -14,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import save_file
 
 SPLITS = ("train", "val", "test")
 
@@ -88,14 +89,14 @@ def prepare_regimes(d: dict, seed: int) -> tuple[dict, dict]:
         x, z = sample_regimes(n, d["seq_len"], chains, d["switch_prob"], rng)
         nll = bayes_nll(x, chains, d["switch_prob"])
         splits[name] = {
-            "inputs": torch.from_numpy(x[:, :-1].copy()),
-            "targets": torch.from_numpy(x[:, 1:].copy()),
-            "regimes": torch.from_numpy(z[:, 1:].copy()),
-            "bayes_nll": torch.from_numpy(nll).float(),
+            "inputs": x[:, :-1].copy(),
+            "targets": x[:, 1:].copy(),
+            "regimes": z[:, 1:].copy(),
+            "bayes_nll": nll.astype(np.float32),
         }
         meta[f"bayes_loss_{name}"] = float(nll.mean())
         meta[f"oracle_loss_{name}"] = float(oracle_nll(x, z, chains).mean())
-    splits["chains"] = {"transitions": torch.from_numpy(chains).float()}
+    splits["chains"] = {"transitions": chains.astype(np.float32)}
     return splits, meta
 
 
@@ -136,7 +137,7 @@ def prepare_text(d: dict, base: Path) -> tuple[dict, dict]:
     splits = {}
     for name, (lo, hi) in zip(SPLITS, bounds, strict=True):
         x, y = _windows(ids[lo:hi], d["seq_len"])
-        splits[name] = {"inputs": torch.from_numpy(x.copy()), "targets": torch.from_numpy(y.copy())}
+        splits[name] = {"inputs": x.copy(), "targets": y.copy()}
     meta = {"kind": "tokens", "vocab_size": len(chars) + 1, "source": "text",
             "vocab": ["<unk>", *chars],
             "unknown_in_val_test": int((ids[bounds[0][1]:] == 0).sum())}
@@ -197,35 +198,34 @@ def prepare_series(d: dict, base: Path) -> tuple[dict, dict]:
     splits = {}
     for name, (lo, hi) in zip(SPLITS, bounds, strict=True):
         x, y = _windows(z[lo:hi], d["seq_len"])
-        splits[name] = {"inputs": torch.from_numpy(x.copy()), "targets": torch.from_numpy(y.copy())}
+        splits[name] = {"inputs": x.copy(), "targets": y.copy()}
     meta = {"kind": "series", "vocab_size": None, "source": "series", "mean": mean, "std": std}
     return splits, meta
 
 
 # ---------------------------------------------------------------- baselines
-def bigram_loss(train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+def bigram_loss(train_x: np.ndarray, train_y: np.ndarray, x: np.ndarray, y: np.ndarray,
                 v: int, alphas: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0),
-                val: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+                val: tuple[np.ndarray, np.ndarray] | None = None) -> float:
     """Cross-entropy (nats) of an add-alpha bigram model fit on train (alpha picked on val)."""
-    counts = torch.zeros(v, v, dtype=torch.float64)
-    counts.index_put_((train_x.reshape(-1), train_y.reshape(-1)),
-                      torch.ones(train_x.numel(), dtype=torch.float64), accumulate=True)
+    counts = np.zeros((v, v))
+    np.add.at(counts, (np.ravel(train_x), np.ravel(train_y)), 1.0)
 
-    def nll(alpha: float, xx: torch.Tensor, yy: torch.Tensor) -> float:
-        p = (counts + alpha) / (counts + alpha).sum(-1, keepdim=True)
-        return float(-p[xx.reshape(-1), yy.reshape(-1)].log().mean())
+    def nll(alpha: float, xx: np.ndarray, yy: np.ndarray) -> float:
+        p = (counts + alpha) / (counts + alpha).sum(-1, keepdims=True)
+        return float(-np.log(p[np.ravel(xx), np.ravel(yy)]).mean())
 
     best = min(alphas, key=lambda a: nll(a, *(val if val is not None else (x, y))))
     return nll(best, x, y)
 
 
-def unigram_loss(train_y: torch.Tensor, y: torch.Tensor, v: int) -> float:
-    counts = torch.bincount(train_y.reshape(-1), minlength=v).double() + 0.5
+def unigram_loss(train_y: np.ndarray, y: np.ndarray, v: int) -> float:
+    counts = np.bincount(np.ravel(train_y), minlength=v) + 0.5
     p = counts / counts.sum()
-    return float(-p[y.reshape(-1)].log().mean())
+    return float(-np.log(p[np.ravel(y)]).mean())
 
 
-def persistence_mse(x: torch.Tensor, y: torch.Tensor) -> float:
+def persistence_mse(x: np.ndarray, y: np.ndarray) -> float:
     """The trivial series baseline: predict that the next value equals the last one."""
     return float(((x - y) ** 2).mean())
 
@@ -264,7 +264,8 @@ def write(splits: dict, meta: dict, out_dir: str | Path) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name, tensors in splits.items():
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(out / f"{name}.safetensors"))
+        save_file({k: np.ascontiguousarray(t) for k, t in tensors.items()},
+                  str(out / f"{name}.safetensors"))
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -273,10 +274,6 @@ def prepare(data_params: dict, seed: int, out_dir: str | Path, base: str | Path 
     splits, meta = build(data_params, seed, base)
     write(splits, meta, out_dir)
     return meta
-
-
-def load_split(data_dir: str | Path, split: str) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(data_dir) / f"{split}.safetensors"))
 
 
 def load_meta(data_dir: str | Path) -> dict:

@@ -15,13 +15,13 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from lfmodel.artifacts import save_model
+from lfmodel.artifacts import load_split, save_model
 from lfmodel.checkpoint import Checkpointer, fingerprint
 from lfmodel.curves import CurvesHook
-from lfmodel.data import load_meta, load_split
+from lfmodel.data import load_meta
 from lfmodel.faults import fault_hooks
 from lfmodel.models import build_model
-from lfmodel.runtime import select_device
+from lfmodel.runtime import check_resources
 from lfmodel.sparsity import build_schedule
 from lfmodel.tracking import RUN_FILE, MLflowHook, TrackingUnavailable, file_hash, stage_run
 from lfmodel.training import DivergenceError, TrainConfig, Trainer, seed_everything
@@ -42,8 +42,8 @@ class TrainStopped(Exception):
 
 def train(params: dict) -> Trainer:
     """Train per params into data/model and reports/train; raises TrainStopped."""
+    device = check_resources(params)  # ParamsError (exit 2) before anything is written
     threads = seed_everything(params["seed"], params["train"]["threads"])
-    device = select_device(params["train"]["device"])
     meta = load_meta(DATA)
     train_split, val = load_split(DATA, "train"), load_split(DATA, "val")
     model = build_model(params["model"], meta["vocab_size"]).to(device)

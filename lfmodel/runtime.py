@@ -20,9 +20,11 @@ is moved to the device.
 from __future__ import annotations
 
 import os
-import sys
 
+import psutil
 import torch
+
+from lfmodel.config import ParamsError, step_floats_per_token
 
 TRAIN_MODULE = "stages.train"
 
@@ -37,8 +39,6 @@ def usable_cores() -> int:
 
 def running_trainings() -> int:
     """lfmodel train stages alive on this machine (python -m stages.train), this one included."""
-    import psutil
-
     me, count = os.getpid(), 1
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
@@ -71,9 +71,35 @@ def select_device(requested: str) -> torch.device:
         name = "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            print("train.device is cuda but torch sees no GPU", file=sys.stderr)
-            raise SystemExit(2)
+            raise ParamsError("'train.device' is cuda but torch sees no CUDA GPU here "
+                              f"(torch {torch.__version__}); use auto or cpu")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     return torch.device(name)
+
+
+def available_bytes(device: torch.device) -> tuple[int, str]:
+    """Memory a training step may use: the GPU's for cuda, else the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, "GPU memory"
+    return psutil.virtual_memory().available, "memory available"
+
+
+def check_resources(params: dict) -> torch.device:
+    """The run's device, after the checks that need torch or this machine (not in
+    config.validate, so prepare and a sweep's driver need neither): `train.device` cuda without
+    a GPU, and a batch whose activations cannot fit, which would otherwise die in the
+    allocator with a traceback. Raises ParamsError."""
+    device = select_device(params["train"]["device"])
+    t = params["train"]
+    per_seq = 4 * step_floats_per_token(params) * params["data"]["seq_len"]
+    need = per_seq * t["batch_size"]
+    have, what = available_bytes(device)
+    if need > have:
+        raise ParamsError(
+            f"'train.batch_size' = {t['batch_size']} does not fit: one step needs at least "
+            f"{need / 2**30:.3g} GiB of activations ({per_seq / 2**10:.0f} KiB per sequence of "
+            f"data.seq_len {params['data']['seq_len']}), the limit is the {have / 2**30:.1f} GiB "
+            f"of {what}; the largest batch that could fit is {have // per_seq}")
+    return device

@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lfmodel.artifacts import load_model
-from lfmodel.data import load_meta, load_split
+from lfmodel.artifacts import load_model, load_split
+from lfmodel.data import load_meta
 from lfmodel.entropy import entropy_from_logits, varentropy_from_logits
 
 BRANCHES = ("greedy", "temperature", "resample", "sample")

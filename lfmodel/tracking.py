@@ -418,6 +418,25 @@ def _settle(tracker: Tracker, stage: str, status: str, tags: dict[str, str]) -> 
 
 
 @contextlib.contextmanager
+def unlogged_stage(stage: str, params: dict) -> Iterator[None]:
+    """Around a stage that logs nothing (trace: it skips MLflow's start-up cost): only if it
+    fails or is killed, the pipeline's run is opened to be marked FAILED / KILLED with the
+    stage's tags, as stage_run would; the stage's own error is what propagates. On success the
+    stage that logs its outputs (evaluate) tags it done."""
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        yield
+    except BaseException as err:
+        if not isinstance(err, SystemExit):  # a bad-params exit 2 has no run to mark
+            with contextlib.suppress(BaseException):  # best effort: the stage's error wins
+                with stage_run(stage, params, run_id=read_run_file()["run_id"]):
+                    raise err
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def stage_run(stage: str, params: dict, run_id: str | None = None) -> Iterator[Tracker]:
     """Open (run_id given) or create the pipeline's run for one stage; settle its status.
 

@@ -1,12 +1,14 @@
-"""Stage evaluate: traces + model + data -> reports/metrics.json and reports/figures/*.png."""
+"""Stage evaluate: traces + model + data -> reports/metrics.json and reports/figures/*.png;
+logs them, the traces and the samples into the pipeline's MLflow run. Reads files only: no
+torch (lfmodel.evaluation)."""
 
 import json
 from pathlib import Path
 
+import pandas as pd
+
 from lfmodel.config import stage_main
 from lfmodel.evaluation import figures, metrics
-from lfmodel.runtime import select_device
-from lfmodel.sampling import write_samples
 from lfmodel.tracking import read_run_file, server_loss_exits, stage_run
 
 OUT, TRAIN, TRACES = Path("reports"), Path("reports/train"), Path("reports/traces")
@@ -16,23 +18,21 @@ OUT, TRAIN, TRACES = Path("reports"), Path("reports/train"), Path("reports/trace
 def main(params: dict) -> None:
     run_id = read_run_file()["run_id"]
     with server_loss_exits("evaluate"), stage_run("evaluate", params, run_id=run_id) as tracker:
-        meta = json.loads(Path("data/prepared/meta.json").read_text())  # no torch here
+        meta = json.loads(Path("data/prepared/meta.json").read_text())
         result = metrics(meta, TRACES, Path("data/model"), TRAIN)
         (OUT / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         made = figures(OUT / "figures", TRAIN, TRACES, meta)
+        layers = pd.read_parquet(TRACES / "layers.parquet")
+        tracker.log_metrics({f"trace/act_entropy/{r.layer}": r.activation_entropy
+                             for r in layers.itertuples()}, step=0)
         tracker.log_metrics({k: v for k, v in result.items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+        tracker.log_artifact(TRACES, "traces")
+        tracker.set_tags({"dvc.stage.trace": "done"})  # trace logs nothing itself
+        tracker.log_artifact(OUT / "samples.md")
         tracker.log_artifact(OUT / "metrics.json")
         for f in made:
             tracker.log_artifact(f, "figures")
-        if meta["kind"] == "tokens":  # sampled continuations, branch per token (lfmodel.sampling)
-            tracker.log_artifact(write_samples("data/model", "data/prepared", OUT / "samples.md",
-                                               seed=params["seed"],
-                                               device=select_device(params["train"]["device"])))
-        else:  # samples.md is a stage output: say why it is empty rather than omit it
-            (OUT / "samples.md").write_text("# Samples\n\nNo sampled continuations: "
-                                            "entropy-adaptive sampling applies to token data, "
-                                            "this run is a series regression.\n")
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
              if k in ("test_loss", "baseline_loss", "bayes_loss", "excess_loss", "sparsity")}
     # run id not in metrics.json (it would make the file differ per run): logged-into run here

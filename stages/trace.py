@@ -1,4 +1,7 @@
-"""Stage trace: data/model + data/prepared -> reports/traces/ (entropy traces of the test split).
+"""Stage trace: data/model + data/prepared -> reports/traces/ (entropy traces of the test
+split) and reports/samples.md (sampled continuations): the outputs that run the model. It
+logs nothing (evaluate logs both into the run), so MLflow is imported only to mark the run
+FAILED if it fails (tracking.unlogged_stage).
 
 CSV for what `dvc plots` reads, Parquet for the rest:
     output_by_position.csv   per position: mean test NLL, output entropy and varentropy, Bayes NLL
@@ -14,23 +17,23 @@ CSV for what `dvc plots` reads, Parquet for the rest:
 import shutil
 from pathlib import Path
 
-from lfmodel.artifacts import load_model
+from lfmodel.artifacts import load_model, load_split
 from lfmodel.config import stage_main
-from lfmodel.data import load_split
-from lfmodel.evaluation import by_position, trace
+from lfmodel.evaluation import by_position
 from lfmodel.runtime import select_device, set_threads
-from lfmodel.tracking import read_run_file, server_loss_exits, stage_run
+from lfmodel.sampling import write_samples
+from lfmodel.traces import trace
+from lfmodel.tracking import unlogged_stage
 
-OUT = Path("reports/traces")
+OUT, SAMPLES = Path("reports/traces"), Path("reports/samples.md")
 
 
 @stage_main
 def main(params: dict) -> None:
-    # Evaluation only: no randomness to seed; the thread count fixes the float sums.
+    # The thread count fixes the float sums; the seed drives the sampler only.
     set_threads(params["train"]["threads"])
     device = select_device(params["train"]["device"])
-    run_id = read_run_file()["run_id"]
-    with server_loss_exits("trace"), stage_run("trace", params, run_id=run_id) as tracker:
+    with unlogged_stage("trace", params):  # a failure still marks the MLflow run
         model = load_model("data/model")[0].to(device)
         traces = trace(model, load_split("data/prepared", "test"))
         shutil.rmtree(OUT, ignore_errors=True)
@@ -38,10 +41,12 @@ def main(params: dict) -> None:
         by_position(traces["tokens"]).to_csv(OUT / "output_by_position.csv", index=False)
         for name in ("tokens", "layers", "layer_positions", "experts", "gates"):
             traces[name].to_parquet(OUT / f"{name}.parquet", index=False)
-        tracker.log_metrics({f"trace/act_entropy/{r.layer}": r.activation_entropy
-                             for r in traces["layers"].itertuples()}, step=0)
-        tracker.log_artifact(OUT, "traces")
-    print(f"trace: {len(traces['tokens'])} tokens -> {OUT}")
+        if write_samples("data/model", "data/prepared", SAMPLES, seed=params["seed"],
+                         device=device) is None:  # a stage output: say why it is empty
+            SAMPLES.write_text("# Samples\n\nNo sampled continuations: entropy-adaptive "
+                               "sampling applies to token data, this run is a series "
+                               "regression.\n")
+    print(f"trace: {len(traces['tokens'])} tokens -> {OUT}, samples -> {SAMPLES}")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ def surge(**over) -> dict:
 
 def tiny_data(seq_len: int = 16, n_train: int = 64) -> dict:
     d = validate({"data": {"seq_len": seq_len, "n_train": n_train, "n_val": 16, "n_test": 16}})
-    splits, _ = prepare_regimes(d["data"], 0)
-    return splits
+    splits, _ = prepare_regimes(d["data"], 0)  # numpy; the tests index them as tensors
+    return {k: {n: torch.as_tensor(a) for n, a in v.items()} for k, v in splits.items()}
 
 
 class Force:

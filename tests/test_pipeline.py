@@ -33,10 +33,12 @@ from conftest import make_repo, merge, run
 from safetensors.torch import load_file
 from sklearn.metrics import normalized_mutual_info_score
 
-from lfmodel.data import bigram_loss, load_split, prepare
+from lfmodel.artifacts import load_split
+from lfmodel.data import bigram_loss, prepare
 from lfmodel.entropy import activation_entropy, entropy_from_logits, varentropy_from_logits
-from lfmodel.evaluation import by_position, trace
+from lfmodel.evaluation import by_position
 from lfmodel.models import LFModel, groups
+from lfmodel.traces import trace
 
 DATA = Path(__file__).resolve().parent / "data"
 STAGES = ("prepare", "train", "trace", "evaluate")

@@ -27,8 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
 
 @pytest.fixture(scope="module")
 def regimes():
-    splits, meta = prepare_regimes(DATA, seed=0)
-    return splits, meta
+    splits, meta = prepare_regimes(DATA, seed=0)  # numpy; the tests index them as tensors
+    return {k: {n: torch.as_tensor(a) for n, a in v.items()} for k, v in splits.items()}, meta
 
 
 def lfm(seed: int = 0) -> LFModel:

@@ -26,6 +26,7 @@ from lfmodel.config import (
     step_floats_per_token,
     validate,
 )
+from lfmodel.runtime import check_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,8 +88,8 @@ def _materialize(raw: dict, where: Path) -> dict:
 @pytest.mark.parametrize("raw,expected", CASES, ids=[str(c[0])[:40] for c in CASES])
 def test_validate_names_the_key(raw, expected, tmp_path):
     raw = _materialize(raw, tmp_path)
-    with pytest.raises(ParamsError) as info:
-        validate(raw, base_dir=tmp_path)
+    with pytest.raises(ParamsError) as info:  # the full check: schema, then device and memory
+        check_resources(validate(raw, base_dir=tmp_path))
     msg = str(info.value)
     assert "\n" not in msg
     for part in expected:
@@ -146,7 +147,7 @@ def test_gradual_window_is_checked_only_in_mode_gradual():
 
 def test_cuda_without_a_gpu_is_one_line():
     with pytest.raises(ParamsError, match=r"^'train.device' is cuda but torch sees no CUDA GPU"):
-        validate({"train": {"device": "cuda"}})
+        check_resources(validate({"train": {"device": "cuda"}}))
 
 
 def test_batch_limit_is_the_available_memory():
@@ -155,12 +156,14 @@ def test_batch_limit_is_the_available_memory():
     assert step_floats_per_token(DEFAULTS) == 2 * (14 * 64 + 4 * (2 * 64 + 2 * 64) + 16) + 128 + 64
     fits = psutil.virtual_memory().available // per_seq
     with pytest.raises(ParamsError, match="'train.batch_size'") as info:
-        validate({"train": {"batch_size": 4 * fits}})
+        check_resources(validate({"train": {"batch_size": 4 * fits, "device": "cpu"}}))
     largest = int(str(info.value).rsplit(" ", 1)[-1])
     assert 0.5 * fits < largest < 2 * fits  # available memory moves between the two calls
-    validate({"train": {"batch_size": largest // 2}})
+    check_resources(validate({"train": {"batch_size": largest // 2, "device": "cpu"}}))
     # the default batch is far inside the limit
-    validate({"train": {"batch_size": 32}})
+    check_resources(validate({"train": {"batch_size": 32}}))
+    # the schema alone does not ask the machine (prepare and a sweep's driver need no torch)
+    validate({"train": {"batch_size": 4 * fits}})
 
 
 def test_data_path_is_relative_to_the_params_file_for_check_and_read(tmp_path):
