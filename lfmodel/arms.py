@@ -59,9 +59,13 @@ BALANCE_ON = 0.1
 BARE_MAX_SPARSITY = max(SPARSITIES)
 GRADUAL = {f"surge.{k}": DEFAULTS["surge"][k]
            for k in ("gradual_start_fraction", "gradual_end_fraction", "gradual_every")}
-# CPU-seconds a run spends outside training steps (dvc, prepare, trace, evaluate). From the
-# 400-step study (study.py: ~30 of ~90 CPU-s per run were not train); re-measure with the grid.
-RUN_OVERHEAD_S = 30.0
+# CPU-seconds per run outside the training steps (dvc, the 4 stage start-ups, prepare, trace,
+# evaluate, MLflow). Measured on the 2-core machine (before the light stages of cc5f3cd, which
+# cut the start-ups): process CPU (getrusage of the children) of `dvc exp run -S
+# train.steps=21 -S train.threads=1 -S train.eval_every=10` on a default-params copy of the
+# project, 26.2 s (26.4 s at 20 steps with prepare not cached: prepare is ~1 s), minus
+# 21 x study.calibrate(32) = 21 x 46.5 ms: 25.2 s. A queued run adds the queue worker's share.
+RUN_OVERHEAD_S = 25.0
 
 
 def arm_overrides(arm: str, sparsity: float | None = None) -> dict[str, Any]:

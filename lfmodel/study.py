@@ -6,7 +6,7 @@
 Design (lfmodel.arms): by default arms.default_design, the full design trimmed to finish in
 `--minutes` on this machine's cores. Its cost input is measured at start: CALIB_STEPS training
 steps of the default model in this process at one torch thread (process CPU per step), plus
-RUN_OVERHEAD_S per run (measured once, see there). `--full` is arms.full_design (a cluster's).
+arms.RUN_OVERHEAD_S per run (measured once, see there). `--full` is arms.full_design (a cluster's).
 The design's points run as one sweep whose id is the study id (one MLflow parent run; the
 backend is the sweep's: the local DVC queue, or Ray). The parent run keeps design.json (every
 point's arm, target sparsity, budget, seed, lambdas and -S overrides), so a rerun with the same
@@ -57,12 +57,6 @@ from lfmodel.training import task_loss
 OUT = report.OUT
 STUDY_ID = "study"  # the default id: rerunning `make study` resumes it; a new study, a new id
 CALIB_STEPS, CALIB_WARMUP = 20, 3
-# CPU-seconds per run outside the training steps (dvc, the 4 stage start-ups, prepare, trace,
-# evaluate, MLflow). Measured on the 2-core machine: process CPU (getrusage of the children) of
-# `dvc exp run -S train.steps=21 -S train.threads=1 -S train.eval_every=10` on a default-params
-# copy of the project, 26.2 s (26.4 s at 20 steps with prepare not cached: prepare is ~1 s),
-# minus 21 x calibrate(32) = 21 x 46.5 ms: 25.2 s. A queued run adds the queue worker's share.
-RUN_OVERHEAD_S = 25.0
 DESIGN_FILE = "design.json"
 OLD_FLAGS = ("--modes", "--lambdas", "--seeds", "--steps", "--set")
 
@@ -360,8 +354,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       "train.threads": 1})
                 else:
                     sps = calibrate(batch)
-                    design, cpu = arms.default_design(sps, batch, args.minutes, args.jobs,
-                                                      RUN_OVERHEAD_S)
+                    design, cpu = arms.default_design(sps, batch, args.minutes, args.jobs)
                     print(f"study {args.study_id}: measured {sps * 1000:.1f} ms CPU/step "
                           f"(batch {batch}, 1 thread); {len(design.points)} runs, predicted "
                           f"{cpu / 3600:.2f} CPU-h, ~{cpu / args.jobs / 60:.0f} min on "
