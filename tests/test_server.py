@@ -16,10 +16,17 @@ from test_sweep import LFMODEL, _env, _stop_group
 from lfmodel.server import free_port
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """A test run started in the background by a non-interactive shell inherits SIGINT
+    ignored (bash does that for `cmd &` without job control), and so would the server: give
+    it the default disposition a terminal's Ctrl-C meets."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(data, port) -> subprocess.Popen:
     proc = subprocess.Popen([LFMODEL, "server", "--data", str(data), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
     out = []
     for line in proc.stdout:
         out.append(line)
