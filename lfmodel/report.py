@@ -305,6 +305,7 @@ def figures(runs: pd.DataFrame, out: Path, n_resamples: int) -> None:
     budgets = sorted(main["budget"].unique())
     fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4), sharey=True,
                              squeeze=False)
+    color = {arm: f"C{i}" for i, arm in enumerate(sorted(set(main["arm"]) - {"dense"}))}
     for ax, b in zip(axes[0], budgets, strict=True):
         sub = main[main["budget"] == b]
         arms_here = sorted(set(sub["arm"]) - {"dense"})
@@ -324,12 +325,12 @@ def figures(runs: pd.DataFrame, out: Path, n_resamples: int) -> None:
             means = np.array([p.mean() for p in pts])
             iv = np.array([_interval(p, n_resamples) for p in pts]).reshape(-1, 2)
             ax.errorbar(x + shift, means, yerr=[means - iv[:, 0], iv[:, 1] - means], marker="o",
-                        capsize=3, label=arm)
+                        capsize=3, label=arm, color=color[arm])  # one color per arm, every panel
         ax.set_title(f"budget {b}x")
+        ax.legend(fontsize=7)
         ax.set_xlabel("target sparsity (bare controller: reached; arms side by side)")
         ax.set_xticks(list(SPARSITIES))
     axes[0][0].set_ylabel("excess loss (test - bayes, nats)")
-    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "excess_loss.png", dpi=110)
     plt.close(fig)
