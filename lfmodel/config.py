@@ -16,14 +16,16 @@ validated and when `prepare` reads it (`data_file`).
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import functools
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -275,8 +277,21 @@ def params_file() -> Path:
     return Path(os.environ.get("LFMODEL_PARAMS", "params.yaml"))
 
 
+def exit_fast(code: int = 0) -> NoReturn:
+    """End the process as the interpreter would (non-daemon threads joined, atexit handlers run,
+    standard streams flushed), minus its teardown: freeing torch's and MLflow's module graphs
+    took 0.4-1.4 s per stage process, a third of a logging stage's fixed cost (bench/startup.py).
+    Everything a stage writes is closed by then; nothing of the teardown is output."""
+    threading._shutdown()  # what Py_FinalizeEx does first: join threads, run their exit hooks
+    atexit._run_exitfuncs()  # MLflow's, logging's, weakref.finalize's
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 def stage_main(fn: Callable[[dict], None]) -> Callable[[], None]:
-    """Wrap a stage's main: load + validate params first; ParamsError -> one line, exit 2."""
+    """Wrap a stage's main: load + validate params first; ParamsError -> one line, exit 2.
+    A stage that returns ends through exit_fast (stages run only as `python -m stages.X`)."""
 
     @functools.wraps(fn)
     def wrapper() -> None:
@@ -285,5 +300,6 @@ def stage_main(fn: Callable[[dict], None]) -> Callable[[], None]:
         except ParamsError as err:  # also one a stage finds later (runtime.check_resources)
             print(f"params.yaml: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        exit_fast(0)
 
     return wrapper
