@@ -39,8 +39,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lfmodel.artifacts import load_model, load_split
-from lfmodel.data import load_meta
 from lfmodel.entropy import entropy_from_logits, varentropy_from_logits
 
 BRANCHES = ("greedy", "temperature", "resample", "sample")
@@ -165,20 +163,18 @@ def generate(model: nn.Module, prompt_ids: Tensor, n: int, generator: torch.Gene
 
 
 # ---------------------------------------------------------------- reports/samples.md
-def write_samples(model_dir: str | Path, data_dir: str | Path, out_path: str | Path, seed: int,
-                  device: torch.device | str,
-                  n_prompts: int = 4, prompt_len: int = 16, n_new: int = 24,
+def write_samples(model: nn.Module, test: dict[str, Tensor], meta: dict, out_path: str | Path,
+                  seed: int, n_prompts: int = 4, prompt_len: int = 16, n_new: int = 24,
                   cfg: SamplerConfig | None = None) -> Path | None:
-    """Sample continuations of the first test prompts; write markdown with the branch per token.
+    """Sample continuations of the first test prompts (the split as artifacts.load_split gives
+    it, meta as data.load_meta; the trace stage has both loaded already); write markdown with
+    the branch per token.
 
     Token data only: returns None (and writes nothing) for a series model.
     """
-    meta = load_meta(data_dir)
     if meta.get("kind") != "tokens":
         return None
     cfg = cfg or SamplerConfig()
-    model = load_model(model_dir)[0].to(device)
-    test = load_split(data_dir, "test")
     x, y = test["inputs"], test["targets"]
     full = torch.cat([x[:, :1], y], dim=1)  # the whole test sequence
     n_prompts = min(n_prompts, full.shape[0])

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lfmodel.artifacts import load_model, load_split
 from lfmodel.config import stage_main
+from lfmodel.data import load_meta
 from lfmodel.evaluation import by_position
 from lfmodel.runtime import select_device, set_threads
 from lfmodel.sampling import write_samples
@@ -35,14 +36,15 @@ def main(params: dict) -> None:
     device = select_device(params["train"]["device"])
     with unlogged_stage("trace", params):  # a failure still marks the MLflow run
         model = load_model("data/model")[0].to(device)
-        traces = trace(model, load_split("data/prepared", "test"))
+        test = load_split("data/prepared", "test")
+        traces = trace(model, test)
         shutil.rmtree(OUT, ignore_errors=True)
         OUT.mkdir(parents=True)
         by_position(traces["tokens"]).to_csv(OUT / "output_by_position.csv", index=False)
         for name in ("tokens", "layers", "layer_positions", "experts", "gates"):
             traces[name].to_parquet(OUT / f"{name}.parquet", index=False)
-        if write_samples("data/model", "data/prepared", SAMPLES, seed=params["seed"],
-                         device=device) is None:  # a stage output: say why it is empty
+        if write_samples(model, test, load_meta("data/prepared"), SAMPLES,
+                         seed=params["seed"]) is None:  # a stage output: say why it is empty
             SAMPLES.write_text("# Samples\n\nNo sampled continuations: entropy-adaptive "
                                "sampling applies to token data, this run is a series "
                                "regression.\n")

@@ -4,16 +4,15 @@ reports/samples.md."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
+from lfmodel.artifacts import load_split
 from lfmodel.config import validate
-from lfmodel.data import prepare
+from lfmodel.data import load_meta, prepare
 from lfmodel.entropy import entropy_from_logits, varentropy_from_logits
 from lfmodel.models import build_model
 from lfmodel.sampling import (
@@ -229,27 +228,21 @@ def test_write_samples_markdown(tmp_path):
     params = validate({"data": {"seq_len": 16, "n_train": 16, "n_val": 8, "n_test": 8},
                        "model": {"d_model": 8, "num_layers": 1, "num_experts": 2,
                                  "expert_dim": 8, "adapt_dim": 4, "adapt_rank": 2}})
-    data_dir, model_dir = tmp_path / "prepared", tmp_path / "model"
+    data_dir = tmp_path / "prepared"
     prepare(params["data"], 0, data_dir)
     torch.manual_seed(0)
     model = build_model(params["model"], 32)
-    model_dir.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(model_dir / "model.safetensors"))
-    (model_dir / "config.json").write_text(json.dumps(
-        {"model": params["model"], "vocab_size": 32, "kind": "tokens", "prunable": []}))
-    out = write_samples(model_dir, data_dir, tmp_path / "samples.md", seed=0, device="cpu", n_prompts=2,
+    test, meta = load_split(data_dir, "test"), load_meta(data_dir)
+    out = write_samples(model, test, meta, tmp_path / "samples.md", seed=0, n_prompts=2,
                         prompt_len=4, n_new=5)
     text = out.read_text()
     assert text.count("## Prompt") == 2 and text.count("| branch |") == 2
     rows = [line for line in text.splitlines() if line.startswith("| ") and "branch" not in line]
     assert len(rows) == 10 and all(line.split("|")[3].strip() in BRANCHES for line in rows)
-    again = write_samples(model_dir, data_dir, tmp_path / "again.md", seed=0, device="cpu", n_prompts=2,
+    again = write_samples(model, test, meta, tmp_path / "again.md", seed=0, n_prompts=2,
                           prompt_len=4, n_new=5)
     assert again.read_text() == text  # seeded
 
-    series = tmp_path / "series"
-    series.mkdir()
-    (series / "meta.json").write_text(json.dumps({"kind": "series", "vocab_size": None}))
-    assert write_samples(model_dir, series, tmp_path / "none.md", seed=0, device="cpu") is None
+    series = {"kind": "series", "vocab_size": None}
+    assert write_samples(model, test, series, tmp_path / "none.md", seed=0) is None
     assert not (tmp_path / "none.md").exists()
