@@ -42,6 +42,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 OUT = Path("reports/study")
+REPORT_SUFFIXES = (".csv", ".md", ".png", ".json")  # what build_report (and cost.json) write
 METRIC = "excess_loss"
 GROUP = ("target_sparsity", "budget")
 RUN_KEYS = ("run_id", "parent_run_id", "arm", "target_sparsity", "budget", "seed",
@@ -358,11 +359,15 @@ def build_report(runs: pd.DataFrame, curves: pd.DataFrame | None = None, out: Pa
                  wall_s: float | None = None, cpu_s: float | None = None,
                  n_resamples: int = N_RESAMPLES) -> Path:
     """Write reports/study/ (see the module docstring); returns the folder. Checks the table
-    before writing anything."""
+    before writing anything. The folder is the report's own: its files from an earlier build
+    (a figure an older design made) are removed first, so every file in it is from this one."""
     check_runs(runs)
     runs = with_stability(runs, curves)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.iterdir():
+        if stale.is_file() and stale.suffix in REPORT_SUFFIXES:
+            stale.unlink()
     head = _header(runs, wall_s, cpu_s)
     order = ["arm", "target_sparsity", "budget", "lambda_entropy", "lambda_balance", "seed"]
     cols = [*RUN_KEYS, *[c for c in runs.columns if c not in RUN_KEYS]]

@@ -70,6 +70,7 @@ def synthetic_curves(runs: pd.DataFrame, spiky: str) -> pd.DataFrame:
 def built(tmp_path_factory):
     runs = synthetic_runs(drop=(("adaptive", 5),))
     out = tmp_path_factory.mktemp("study")
+    (out / "old_figure.png").write_bytes(b"from an earlier design")
     spiky = runs[(runs["arm"] == "adaptive") & (runs["seed"] == 0)]["run_id"].item()
     report.build_report(runs, synthetic_curves(runs, spiky), out, wall_s=5400.0, cpu_s=10800.0)
     return runs, out, spiky
@@ -92,6 +93,12 @@ def test_planted_effects_give_known_verdicts(built):
         "at target 0.8, 1x (sparse))" in v
     assert "interval surge-collapse vs the best baseline, excess loss: **no effect detected" in v
     assert v.count("## Seed") == 3  # one section per seed claim
+
+
+def test_stale_files_of_an_earlier_build_are_removed(built):
+    _, out, _ = built
+    assert not (out / "old_figure.png").exists()
+    assert {"runs.csv", "verdict.md", "excess_loss.png"} <= {f.name for f in out.iterdir()}
 
 
 def test_missing_seed_named_and_everything_traceable(built):
