@@ -66,6 +66,13 @@ GRADUAL = {f"surge.{k}": DEFAULTS["surge"][k]
 # project, 26.2 s (26.4 s at 20 steps with prepare not cached: prepare is ~1 s), minus
 # 21 x study.calibrate(32) = 21 x 46.5 ms: 25.2 s. A queued run adds the queue worker's share.
 RUN_OVERHEAD_S = 25.0
+# What runs alone, all cores idle (wall seconds). The default study of 2026-11-24 (130 + 5 runs,
+# reports/study/cost.json): its first run started 153 s after `make study` did (calibration,
+# then `dvc exp run --queue` once per point), phase 2 started 28 s after phase 1 ended, the
+# report took 17 s: about 1 s of queueing per run plus ~30 s. Its runs (84.1 min for phase 1,
+# with ~2.4 min of other jobs beside it) matched steps x 37.5 ms + RUN_OVERHEAD_S per run.
+QUEUE_S = 1.0
+STUDY_FIXED_S = 30.0
 
 
 def arm_overrides(arm: str, sparsity: float | None = None) -> dict[str, Any]:
@@ -246,6 +253,7 @@ class RunCost:
     sec_per_step: float
     batch_size: int
     overhead_s: float = RUN_OVERHEAD_S
+    queue_s: float = QUEUE_S
 
     def run_seconds(self, p: Point) -> float:
         return p.steps * self.sec_per_step + self.overhead_s
@@ -260,8 +268,23 @@ class Design:
     def seeds(self) -> list[int]:
         return sorted({p.seed for p in self.points})
 
+    def _all_points(self) -> tuple[Point, ...]:
+        """The points, phase 2 included: with adaptive_bare in the design, the study adds
+        static_matched at 1x for every seed once those runs are done (lfmodel.study)."""
+        later = matched_static(BARE_MAX_SPARSITY, self.seeds).points if any(
+            p.arm == "adaptive_bare" for p in self.points) else ()
+        return (*self.points, *later)
+
     def cpu_seconds(self, cost: RunCost) -> float:
-        return sum(cost.run_seconds(p) for p in self.points)
+        """Predicted CPU-s of the runs, phase 2 included."""
+        return sum(cost.run_seconds(p) for p in self._all_points())
+
+    def wall_seconds(self, cost: RunCost, cores: int) -> float:
+        """Predicted wall time on `cores` (one run per core, the queue kept full), plus what
+        runs alone: queueing each run before the queue starts, the study's calibration and
+        report."""
+        return (self.cpu_seconds(cost) / cores + cost.queue_s * len(self._all_points())
+                + STUDY_FIXED_S)
 
     def experiments(self, sweep_id: str) -> dict[str, Point]:
         """{experiment name: point}; a repeated name is an error, not a silent overwrite."""
@@ -369,39 +392,41 @@ def trim_steps(best_baselines: Sequence[str] = BEST_BASELINES
     ]
 
 
-def trim(design: Design, cost: RunCost, cpu_budget_s: float,
+def trim(design: Design, cost: RunCost, wall_budget_s: float, cores: int,
          best_baselines: Sequence[str] = BEST_BASELINES) -> Design:
-    """Apply trim_steps in order, each as often as it can, until the predicted CPU time fits.
+    """Apply trim_steps in order, each as often as it can, until the predicted wall time fits.
     If the smallest design still does not fit, it is returned with a note saying by how much."""
     d = design
     for step in trim_steps(best_baselines):
-        while d.cpu_seconds(cost) > cpu_budget_s:
+        while d.wall_seconds(cost, cores) > wall_budget_s:
             nxt = step(d)
-            if nxt is None or nxt.cpu_seconds(cost) >= d.cpu_seconds(cost):
+            if nxt is None or nxt.wall_seconds(cost, cores) >= d.wall_seconds(cost, cores):
                 break  # nothing left to cut here (or a cut that saves nothing: no endless loop)
             d = nxt
-    if d.cpu_seconds(cost) > cpu_budget_s:
-        d = replace(d, notes=(*d.notes, f"does not fit: {d.cpu_seconds(cost) / 3600:.2f} "
-                                        f"CPU-h predicted > budget {cpu_budget_s / 3600:.2f}"))
+    if d.wall_seconds(cost, cores) > wall_budget_s:
+        d = replace(d, notes=(*d.notes, f"does not fit: {d.wall_seconds(cost, cores) / 60:.0f} "
+                                        f"min predicted > budget {wall_budget_s / 60:.0f}"))
     return d
 
 
 def default_design(sec_per_step: float, batch_size: int, minutes: float = 90.0,
                    cores: int = 2, overhead_s: float = RUN_OVERHEAD_S,
-                   best_baselines: Sequence[str] = BEST_BASELINES) -> tuple[Design, float]:
-    """The `make study` design: the full one trimmed to `minutes` on `cores` (one torch thread
-    per run, `cores` runs at once, so CPU budget = minutes x 60 x cores; wall ~ CPU / cores,
-    assuming the queue stays full). Returns the design and its predicted CPU-seconds."""
+                   best_baselines: Sequence[str] = BEST_BASELINES
+                   ) -> tuple[Design, float, float]:
+    """The `make study` design: the full one trimmed until its predicted wall time
+    (Design.wall_seconds: one torch thread per run, `cores` runs at once) fits `minutes`.
+    Returns the design, its predicted CPU-seconds and wall seconds."""
     if sec_per_step <= 0 or batch_size <= 0 or minutes <= 0 or cores <= 0:
         raise ValueError("sec_per_step, batch_size, minutes and cores must be positive")
     cost = RunCost(sec_per_step, batch_size, overhead_s)
     common = {"train.batch_size": batch_size, "train.threads": 1}
-    d = trim(full_design(common=common, best_baselines=best_baselines), cost,
-             minutes * 60 * cores, best_baselines)
-    cpu = d.cpu_seconds(cost)
-    note = (f"predicted {cpu / 3600:.2f} CPU-h, ~{cpu / cores / 60:.0f} min wall on {cores} "
-            f"cores at {sec_per_step:g} s/step (batch {batch_size}) + {overhead_s:g} s per run")
-    return replace(d, notes=(*d.notes, note)), cpu
+    d = trim(full_design(common=common, best_baselines=best_baselines), cost, minutes * 60,
+             cores, best_baselines)
+    cpu, wall = d.cpu_seconds(cost), d.wall_seconds(cost, cores)
+    note = (f"predicted {cpu / 3600:.2f} CPU-h, ~{wall / 60:.0f} min wall on {cores} cores "
+            f"at {sec_per_step:g} s/step (batch {batch_size}) + {overhead_s:g} s per run, "
+            f"phase 2 and queueing included")
+    return replace(d, notes=(*d.notes, note)), cpu, wall
 
 
 def comparable(design: Design) -> list[str]:

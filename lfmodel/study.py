@@ -354,10 +354,11 @@ def main(argv: list[str] | None = None) -> None:
                                                       "train.threads": 1})
                 else:
                     sps = calibrate(batch)
-                    design, cpu = arms.default_design(sps, batch, args.minutes, args.jobs)
+                    design, cpu, wall = arms.default_design(sps, batch, args.minutes,
+                                                            args.jobs)
                     print(f"study {args.study_id}: measured {sps * 1000:.1f} ms CPU/step "
                           f"(batch {batch}, 1 thread); {len(design.points)} runs, predicted "
-                          f"{cpu / 3600:.2f} CPU-h, ~{cpu / args.jobs / 60:.0f} min on "
+                          f"{cpu / 3600:.2f} CPU-h, ~{wall / 60:.0f} min on "
                           f"{args.jobs} cores", flush=True)
                 for note in design.notes:
                     print(f"  design: {note}", flush=True)
