@@ -6,7 +6,8 @@
 Design (lfmodel.arms): by default arms.default_design, the full design trimmed to finish in
 `--minutes` on this machine's cores. Its cost input is measured at start: CALIB_STEPS training
 steps of the default model in this process at one torch thread (process CPU per step), plus
-arms.RUN_OVERHEAD_S per run (measured once, see there). `--full` is arms.full_design (a cluster's).
+arms.RUN_OVERHEAD_S per run; the wall time adds phase 2 and what runs alone, queueing and the
+report (arms.Design.wall_seconds, measured, see there). `--full` is arms.full_design (a cluster's).
 The design's points run as one sweep whose id is the study id (one MLflow parent run; the
 backend is the sweep's: the local DVC queue, or Ray). The parent run keeps design.json (every
 point's arm, target sparsity, budget, seed, lambdas and -S overrides), so a rerun with the same
