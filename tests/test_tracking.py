@@ -511,3 +511,40 @@ def test_ui_command_serves_the_stages_store(pipeline):
         assert http_get(f"{url}/")[0] == 200
     finally:
         stop_server(proc)
+
+
+def test_dataset_logged_by_a_concurrent_run_is_linked_not_fatal(tmp_path):
+    """Two runs of the same data logging it at once: the store's get-or-create of the dataset
+    row races, and the loser gets the unique-key error PostgreSQL raised in test_ray_two_nodes.
+    log_dataset logs again (and finds the row); any other error still propagates."""
+    from mlflow.exceptions import MlflowException
+
+    from lfmodel.tracking import log_dataset
+
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"kind": "tokens", "source": "regimes"}))
+    client = client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = client.create_experiment("race")
+    real = client.log_inputs
+
+    def lost_race(message: str):
+        calls = []
+
+        def log_inputs(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise MlflowException(message)
+            return real(*args, **kwargs)
+        return log_inputs
+
+    run_id = client.create_run(exp_id).info.run_id
+    client.log_inputs = lost_race('(psycopg2.errors.UniqueViolation) duplicate key value '
+                                  'violates unique constraint "dataset_pk"')
+    log_dataset(client, run_id, data)
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == ["regimes"]
+    other = client.create_run(exp_id).info.run_id
+    client.log_inputs = lost_race("something else")
+    with pytest.raises(MlflowException, match="something else"):
+        log_dataset(client, other, data)
