@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,7 +396,12 @@ def run_local(sweep_id: str, grid: Grid | Points, jobs: int = 2, experiment: str
     progress = Progress(sweep_id, len(names), len(done))
     t0 = time.time()
     if todo:
-        proc = subprocess.Popen(["dvc", "exp", "run", "--run-all", "-j", str(jobs)], env=env)
+        # DVC's output is relayed, not inherited: the queue workers it detaches keep the fds it
+        # had, and a worker that hangs on shutdown (seen once, after its task succeeded) would
+        # then hold our caller's pipe open (`lfmodel sweep | tee`, a test) after we return.
+        proc = subprocess.Popen(["dvc", "exp", "run", "--run-all", "-j", str(jobs)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=_relay, args=(proc.stdout,), daemon=True).start()
         while proc.poll() is None:
             try:
                 proc.wait(POLL_SECONDS)
@@ -406,6 +412,13 @@ def run_local(sweep_id: str, grid: Grid | Points, jobs: int = 2, experiment: str
     missing = summarize(client, exp_id, parent, sweep_id, names)
     _report_missing(sweep_id, names, missing)
     return missing
+
+
+def _relay(pipe: Any) -> None:
+    """Copy a child's output to ours as it comes, until the pipe closes (or we exit)."""
+    for chunk in iter(lambda: pipe.read1(65536), b""):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
 
 
 def _report_missing(sweep_id: str, names: dict, missing: list[str]) -> None:
