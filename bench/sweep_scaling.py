@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 from _common import ROOT, machine  # puts the repository on sys.path
 
-from lfmodel.server import free_port
+from lfmodel.server import RAY_DEFAULT_PORTS, free_port
 
 BIN = Path(sys.executable).parent
 
@@ -109,7 +109,7 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     try:
         repo = project(tmp)
-        port, ray_port = free_port(), free_port()
+        port, ray_port = free_port(), free_port(avoid=RAY_DEFAULT_PORTS)
         procs.append(start([str(BIN / "lfmodel"), "server", "--data", str(tmp / "srv"), "--port",
                             str(port)], tmp / "server.log"))
         uri = f"http://127.0.0.1:{port}"

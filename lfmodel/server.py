@@ -65,10 +65,20 @@ def check_tracking_server(uri: str, seconds: float = PREFLIGHT_SECONDS) -> None:
         time.sleep(1.0)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# Ports Ray's own components bind by default (GCS, dashboard, client server, dashboard agent):
+# a Ray head given one of them as --port exits ("... used by other components"), and the
+# kernel's ephemeral range, which free_port draws from, contains 52365 and 52366.
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365, 52366})
+
+
+def free_port(host: str = "127.0.0.1", avoid: frozenset[int] = frozenset()) -> int:
+    """A port free on host now, not in `avoid` (e.g. RAY_DEFAULT_PORTS for a Ray head)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def _pg_bin() -> Path:

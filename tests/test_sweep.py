@@ -206,9 +206,9 @@ def ray_cluster(tmp_path):
     groups (head first, then the worker), stopped by group, pass or fail."""
     import time
 
-    from lfmodel.server import free_port
+    from lfmodel.server import RAY_DEFAULT_PORTS, free_port
 
-    port = free_port()
+    port = free_port(avoid=RAY_DEFAULT_PORTS)
     temp = Path(f"/tmp/ray_h3_{port}")
     common = ["--block", "--num-cpus", "1", "--object-store-memory", "80000000",
               "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
