@@ -5,17 +5,17 @@ A step is forward (with gates) + task loss + lambda_entropy * gate entropy + bac
 clip + Adam, with params.yaml's defaults (batch 32, seq 64, d_model 64, 4 experts,
 expert_dim 64). Sides, interleaved in every repeat so that a shared machine's load hits them
 alike: `ref` (reference model, today's Adam), `new` (package model, the same Adam: the model's
-own speed-up), `new_fused` (package model, Adam(fused=True): what the step gains from the
-optimizer too; the step the Trainer runs, on which the targets are judged), `matmul` (a 1024^3
-fp32 matmul: the machine's reference FLOP/s at the same thread count) and `own_matmuls` (the
-matmuls of one new_fused step, forward and backward, replayed alone on random operands of the
-same shapes: the rate this model's small, skinny matmuls reach at best, a realistic ceiling
-for the step). Times are medians over BENCH_REPEATS blocks of BENCH_STEPS steps; speed-ups are
-medians of the per-block ratios; each figure twice, by wall clock and by process CPU time
-(`cpu_`, which a machine shared with other jobs inflates less). FLOPs per step are model
-FLOPs: torch's FlopCounterMode on one reference step (the math as defined, whatever the
-implementation skips or adds); `new_counted` is the same count on the package model (its
-block-diagonal weights multiply some zeros).
+own speed-up), `new_fused` (package model, Adam(fused=True), clipped with foreach=True: what
+the step gains from the optimizer too; the step the Trainer runs, on which the targets are
+judged), `matmul` (a 1024^3 fp32 matmul: the machine's reference FLOP/s at the same thread
+count) and `own_matmuls` (the matmuls of one new_fused step, forward and backward, replayed
+alone on random operands of the same shapes: the rate this model's small, skinny matmuls reach
+at best, a realistic ceiling for the step). Times are medians over BENCH_REPEATS blocks of
+BENCH_STEPS steps; speed-ups are medians of the per-block ratios; each figure twice, by wall
+clock and by process CPU time (`cpu_`, which a machine shared with other jobs inflates less).
+FLOPs per step are model FLOPs: torch's FlopCounterMode on one reference step (the math as
+defined, whatever the implementation skips or adds); `new_counted` is the same count on the
+package model (its block-diagonal weights multiply some zeros).
 Before timing, outputs, gates and gradients of both models (same state_dict) must agree to
 1e-5. BENCH_THREADS=1 or 2 runs one thread count (default: both). Prints one JSON line.
 Targets: speed-up >= 2 at 1 and at 2 threads, step FLOP/s >= 50 % of matmul FLOP/s.
@@ -53,11 +53,16 @@ def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict) -> torc
     return regularized_loss(task, gates, t["lambda_entropy"], t["lambda_balance"])[0]
 
 
-def step(model: nn.Module, opt: torch.optim.Optimizer, x, y, t: dict) -> None:
+def step(model: nn.Module, opt: torch.optim.Optimizer, x, y, t: dict, trainer: bool = False
+         ) -> None:
+    """One step; `trainer`: clipped as the Trainer clips (foreach), else as before issue 12."""
     loss = loss_of(model, x, y, t)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+    if trainer:
+        nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], t["grad_clip"], foreach=True)
+    else:
+        nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
     opt.step()
 
 
@@ -179,7 +184,8 @@ def main() -> None:
             "new": torch.optim.Adam(new.parameters(), **adam),
             "new_fused": torch.optim.Adam(new_fused.parameters(), fused=True, **adam)}
     models = {"ref": ref, "new": new, "new_fused": new_fused}
-    sides = {k: (lambda k=k: step(models[k], opts[k], x, y, t)) for k in models}
+    sides = {k: (lambda k=k: step(models[k], opts[k], x, y, t, k == "new_fused"))
+             for k in models}
     own = replay(gemms(sides["new_fused"]))
     results = {str(n): run(n, sides, steps, repeats, step_flops, own) for n in thread_counts}
     met = equal and all(r["speedup_new_fused"] >= 2 and r["new_fused_fraction_of_matmul"] >= 0.5

@@ -98,7 +98,8 @@ class Trainer:
         self.val_x, self.val_y = there(val, "inputs"), there(val, "targets")
         # fused: one kernel for all parameters (Adam alone 3.0 -> 0.7 ms per step on the default
         # model, bench/train_step.py); the same update up to float rounding
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr,
+        self.params = list(model.parameters())
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.lr,
                                           weight_decay=cfg.weight_decay, fused=True)
         self.masks = MaskSet(model, self.optimizer)
         self.groups = groups(model)
@@ -168,7 +169,9 @@ class Trainer:
             self._call("after_backward", step)
             self.masks.mask_grads()
             if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                # foreach: the same norms and scaling bit for bit, in a few multi-tensor ops
+                # instead of three per parameter (0.63 -> 0.46 ms alone on the default model)
+                nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
             self.current_lr = self.lr_at(step)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.current_lr
