@@ -15,7 +15,8 @@ commit, backend; a summary table at the end); every experiment's run carries
 the same grid resumes (points with a complete run are skipped); with another grid it is refused.
 
 Backends:
-  local  `dvc exp run --queue` per point, then `dvc exp run --run-all -j N` (SQLite store is fine).
+  local  `dvc exp run --queue` per point (DVC's API, one process), then `dvc exp run --run-all -j N`
+         (SQLite store is fine).
   ray    one Ray task per point in a fresh clone of `origin`: `dvc exp run --pull -n NAME`, then
          `dvc exp push origin NAME`; a retried task that finds its ref on origin returns it. The
          driver then `dvc exp pull`s every experiment. Needs an MLflow server (lfmodel server).
@@ -381,15 +382,7 @@ def run_local(sweep_id: str, grid: Grid | Points, jobs: int = 2, experiment: str
             if any(run_complete(r) for r in rs)}
     todo = [n for n in names if n not in done]
     env = _bin_env({"LFMODEL_SWEEP_ID": sweep_id, "LFMODEL_PARENT_RUN_ID": parent})
-    for name in todo:
-        cmd = ["dvc", "exp", "run", "--queue", "-n", name]
-        for s in grid.sets(names[name]):
-            cmd += ["-S", s]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise SystemExit(f"sweep: queueing {name} failed: "
-                             f"{(proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:]}"
-                             " (a name taken by an earlier, unfinished sweep? use a new --name)")
+    queue(todo, {n: grid.sets(names[n]) for n in todo})
     print(f"sweep {sweep_id}: {len(names)} grid points, {len(done)} already complete, queued "
           f"{len(todo)}; running with -j {jobs} (MLflow parent run {parent} in {tracking_uri()})",
           flush=True)
@@ -412,6 +405,25 @@ def run_local(sweep_id: str, grid: Grid | Points, jobs: int = 2, experiment: str
     missing = summarize(client, exp_id, parent, sweep_id, names)
     _report_missing(sweep_id, names, missing)
     return missing
+
+
+def queue(todo: list[str], sets: dict[str, list[str]]) -> None:
+    """`dvc exp run --queue -n NAME -S ...` for each name, through DVC's API in this process:
+    about 0.1 s a point instead of a ~1 s CLI start each (130 points: ~15 s, not 2.5 min)."""
+    import contextlib
+    import io
+
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        for name in todo:
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # "Queued experiment ..." x N
+                    repo.experiments.run(queue=True, name=name, params=sets[name])
+            except DvcException as err:
+                raise SystemExit(f"sweep: queueing {name} failed: {err} (a name taken by an "
+                                 "earlier, unfinished sweep? use a new --name)") from None
 
 
 def _relay(pipe: Any) -> None:
