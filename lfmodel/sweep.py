@@ -413,7 +413,6 @@ def queue(todo: list[str], sets: dict[str, list[str]]) -> None:
     import contextlib
     import io
 
-    from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     with Repo() as repo:
@@ -421,9 +420,10 @@ def queue(todo: list[str], sets: dict[str, list[str]]) -> None:
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # "Queued experiment ..." x N
                     repo.experiments.run(queue=True, name=name, params=sets[name])
-            except DvcException as err:
-                raise SystemExit(f"sweep: queueing {name} failed: {err} (a name taken by an "
-                                 "earlier, unfinished sweep? use a new --name)") from None
+            except Exception as err:  # DVC's, or Hydra's parse error on a -S value: one line
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise SystemExit(f"sweep: queueing {name} failed: {type(err).__name__}: "
+                                 f"{first}") from None
 
 
 def _relay(pipe: Any) -> None:

@@ -78,6 +78,17 @@ def test_bad_inputs_one_line_exit_2(dvc_repo, tmp_path):
     assert not run(["git", "ls-remote", str(bare)], repo).stdout.strip()  # nothing pushed
 
 
+def test_queue_failure_is_one_line(dvc_repo, monkeypatch):
+    """DVC's and Hydra's errors from in-process queueing end as one line, not a traceback."""
+    monkeypatch.chdir(dvc_repo())
+    for sets, want in ((["nofile.yaml:x=1"], "Invalid `--set-param` value"),
+                       (["seed"], "OverrideParseException: Error parsing override 'seed'")):
+        with pytest.raises(SystemExit) as exc:
+            sweep.queue(["q"], {"q": sets})
+        assert str(exc.value).startswith("sweep: queueing q failed: ") and want in str(exc.value)
+        assert "\n" not in str(exc.value)
+
+
 def test_local_backend_small_grid(dvc_repo, tmp_path):
     """2 points through the DVC queue: names as the study's, runs under one parent, resume."""
     repo = dvc_repo()
