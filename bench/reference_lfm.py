@@ -1,8 +1,9 @@
 """Frozen copy of lfmodel/models/lfm.py (and its AdaptiveLinear) as of commit d5666bf, before
 issue 12's batched rewrite: experts one by one, the token-mixing kernel [S, S, d] rebuilt with
 exp in every forward. The reference that bench/train_step.py times against and that
-tests/test_models.py checks the package model against (outputs and gradients). Same module
-tree, so the same state_dict loads into both. Not part of the package; do not edit. Run as a
+tests/test_models.py checks the package model against (outputs and gradients). It loads the
+package model's state_dict once the stacked expert parameters are split per expert
+(lfmodel.models.lfm.per_expert_state). Not part of the package; do not edit. Run as a
 script (`make bench` runs every bench/*.py) it does nothing.
 """
 

@@ -16,7 +16,8 @@ clock and by process CPU time (`cpu_`, which a machine shared with other jobs in
 FLOPs per step are model FLOPs: torch's FlopCounterMode on one reference step (the math as
 defined, whatever the implementation skips or adds); `new_counted` is the same count on the
 package model (its block-diagonal weights multiply some zeros).
-Before timing, outputs, gates and gradients of both models (same state_dict) must agree to
+Before timing, outputs, gates and gradients of both models (the same weights: the package's
+stacked expert parameters split per expert for the reference) must agree to
 1e-5. BENCH_THREADS=1 or 2 runs one thread count (default: both). Prints one JSON line.
 Targets: speed-up >= 2 at 1 and at 2 threads, step FLOP/s >= 50 % of matmul FLOP/s.
 """
@@ -41,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from lfmodel.config import load_params  # noqa: E402
 from lfmodel.entropy import regularized_loss  # noqa: E402
 from lfmodel.models import build_model  # noqa: E402
+from lfmodel.models.lfm import per_expert_state  # noqa: E402
 
 MATMUL_N = 1024
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
@@ -70,9 +72,12 @@ def max_diffs(new: nn.Module, ref: nn.Module, x, y, t: dict) -> dict:
     """Largest |new - ref| over outputs and gates, and over every parameter's gradient."""
     (o1, g1), (o0, g0) = new(x, return_gates=True), ref(x, return_gates=True)
     out = max((a - b).abs().max().item() for a, b in zip([o1, *g1], [o0, *g0], strict=True))
-    d1 = torch.autograd.grad(loss_of(new, x, y, t), list(new.parameters()))
-    d0 = torch.autograd.grad(loss_of(ref, x, y, t), list(ref.parameters()))
-    grad = max((a - b).abs().max().item() for a, b in zip(d1, d0, strict=True))
+    d1, d0 = (per_expert_state(dict(zip(
+        [n for n, _ in m.named_parameters()],
+        torch.autograd.grad(loss_of(m, x, y, t), list(m.parameters())), strict=True)))
+        for m in (new, ref))
+    assert d1.keys() == d0.keys()
+    grad = max((d1[n] - d0[n]).abs().max().item() for n in d0)
     return {"out_max_abs": out, "grad_max_abs": grad}
 
 
@@ -167,7 +172,7 @@ def main() -> None:
     new = build_model(p, vocab)
     ref = ReferenceLFModel(vocab, **{k: p[k] for k in (
         "d_model", "num_layers", "num_experts", "expert_dim", "adapt_dim", "adapt_rank")})
-    ref.load_state_dict(new.state_dict())
+    ref.load_state_dict(per_expert_state(new.state_dict()))
     new_fused = copy.deepcopy(new)
     g = torch.Generator().manual_seed(params["seed"])
     x = torch.randint(0, vocab, (tr["batch_size"], data["seq_len"]), generator=g)

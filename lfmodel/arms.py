@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lfmodel.config import DEFAULTS
-from lfmodel.models import build_model, prunable
+from lfmodel.models import build_model, prunable, weight
 
 SPARSITIES = (0.5, 0.8, 0.9)
 BUDGETS = (1, 4)
@@ -110,7 +110,7 @@ def arm_overrides(arm: str, sparsity: float | None = None) -> dict[str, Any]:
 @functools.lru_cache(maxsize=4096)
 def _count(model_items: tuple, vocab_size: int) -> int:
     model = build_model(dict(model_items), vocab_size)
-    return sum(p.numel() for g in prunable(model).values() for p in g.values())
+    return sum(weight(s).numel() for g in prunable(model).values() for s in g.values())
 
 
 def prunable_count(model_params: dict, vocab_size: int) -> int:

@@ -28,7 +28,10 @@ def save_model(out_dir: str | Path, model: nn.Module, masks: MaskSet, params: di
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(out / "model.safetensors"))
     masks.save(out / "masks.safetensors")
-    names = [n for g in prunable(model).values() for n in g]
+    # the parameters holding prunable weights, each once (an MoE layer's stacked experts too)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = list(dict.fromkeys(name_of[id(p)] for g in prunable(model).values()
+                               for p, _ in g.values()))
     (out / "config.json").write_text(json.dumps(
         {"model": params["model"], "vocab_size": meta["vocab_size"], "kind": meta["kind"],
          "prunable": names, "steps": steps}, indent=2) + "\n")

@@ -21,13 +21,13 @@ def _raw(p: arms.Point) -> dict:
 
 @pytest.mark.parametrize("s", arms.SPARSITIES)
 def test_small_dense_count_close_to_target(one_thread, s):
-    from lfmodel.models import build_model, prunable
+    from lfmodel.models import build_model, prunable, weight
 
     sd = arms.small_dense_dims(s)
     full = arms.prunable_count(DEFAULTS["model"], 32)
     model = build_model({**DEFAULTS["model"], **{k.split(".")[1]: v for k, v in
                                                  sd.overrides.items()}}, 32)
-    count = sum(p.numel() for g in prunable(model).values() for p in g.values())
+    count = sum(weight(s).numel() for g in prunable(model).values() for s in g.values())
     assert count == sd.count  # the count is the built model's, independently recounted
     assert sd.ratio == pytest.approx(count / full)
     assert abs(count / full - (1 - s)) < 0.02 * (1 - s)  # within 2 % of the target count

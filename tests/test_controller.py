@@ -75,7 +75,8 @@ class Record:
         self.rows[step] = {
             "lr": trainer.current_lr, "scale": trainer.lr_scale,
             "noise": {n: g.input_noise for n, g in trainer.groups.items()},
-            "sparsity": {g: weight_zeros(t.values()) for g, t in masks.groups.items()}}
+            "sparsity": {g: weight_zeros(masks.params[n] for n in names)
+                         for g, names in masks.groups.items()}}
 
 
 def make_trainer(params: dict, steps: int, hooks: list, splits: dict | None = None) -> Trainer:

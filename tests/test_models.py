@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lfmodel.config import DEFAULTS
-from lfmodel.models import AdaptiveLinear, AutoRegressiveModel, LFModel, build_model, groups, prunable
+from lfmodel.models import AdaptiveLinear, AutoRegressiveModel, LFModel, build_model, groups, prunable, weight
+from lfmodel.models.lfm import per_expert_state
 
 V = 11          # vocabulary
 B, S = 3, 9     # B != S, B > 1
@@ -158,8 +159,15 @@ def test_build_model_and_prunable_groups():
     names = [n for g in groups.values() for n in g]
     assert len(names) == len(set(names)), "a weight is in two groups"
     for g in groups.values():
-        for n, p in g.items():
-            assert p.dim() == 2 and "embed" not in n and "head" not in n
+        for n, slot in g.items():
+            assert weight(slot).dim() == 2 and "embed" not in n and "head" not in n
+    # an expert's weights: slices of its layer's stacked parameters, named as before stacking
+    expert = groups["block0.moe.expert2"]
+    assert set(expert) == {f"blocks.0.moe.experts.2.{k}" for k in (
+        "fc1.base.weight", "fc1.down.weight", "fc1.up.weight", "fc1.mod.weight", "fc2.weight")}
+    moe = lfm.blocks[0].moe
+    assert expert["blocks.0.moe.experts.2.fc2.weight"] == (moe.w2, 2)
+    assert weight((moe.w2, 2)).data_ptr() == moe.w2[2].data_ptr()  # a view: writes reach it
     mlp = build_model({"arch": "mlp", "context": 4, "hidden": 32}, None)
     assert isinstance(mlp, AutoRegressiveModel)
     assert {n for g in prunable(mlp).values() for n in g} == {"mlp.fc1.weight", "mlp.fc2.weight"}
@@ -167,7 +175,8 @@ def test_build_model_and_prunable_groups():
 
 # ---------------------------------------------------------------- issue 12: the batched model
 # bench/reference_lfm.py is a frozen copy of the LFModel before batching (experts one by one, the
-# token-mixing kernel rebuilt with exp in every forward): same module tree, same state_dict.
+# token-mixing kernel rebuilt with exp in every forward): the same state_dict once the stacked
+# expert parameters are split per expert (per_expert_state).
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("reference_lfm", ROOT / "bench/reference_lfm.py")
 reference_lfm = importlib.util.module_from_spec(_spec)
@@ -181,11 +190,14 @@ def pair(vocab: int | None, sizes: dict, seed: int = 0) -> tuple[LFModel, torch.
     """The package model and the reference with the same weights (decays moved off their init)."""
     torch.manual_seed(seed)
     new = LFModel(vocab, **sizes)
+    with torch.random.fork_rng():
+        order = list(reference_lfm.LFModel(vocab, **sizes).state_dict())
+    views = per_expert_state(dict(new.named_parameters()))  # experts: views into the stacks
     with torch.no_grad():
-        for p in new.parameters():  # random weights everywhere, the low-rank `up` included
-            p.add_(0.3 * torch.randn_like(p))
+        for name in order:  # random weights everywhere, the low-rank `up` included, drawn in
+            views[name].add_(0.3 * torch.randn_like(views[name]))  # the per-expert order
     ref = reference_lfm.LFModel(vocab, **sizes)
-    ref.load_state_dict(new.state_dict())
+    ref.load_state_dict(per_expert_state(new.state_dict()))
     return new, ref
 
 
@@ -194,7 +206,7 @@ def loss_and_grads(model, x, y):
     loss = (out * y).sum() + sum((g * g.log()).sum() for g in gates)
     names = [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()])
-    return out, gates, dict(zip(names, grads, strict=True))
+    return out, gates, per_expert_state(dict(zip(names, grads, strict=True)))
 
 
 @pytest.mark.parametrize("sizes", SIZES, ids=["rank2", "rank0"])
@@ -203,7 +215,12 @@ def test_batched_lfm_equals_reference_outputs_and_gradients(vocab, sizes):
     """Outputs, gates and every parameter's gradient equal the reference's to 1e-5 (the op order
     differs, so not bit for bit), in training mode, on random inputs and random weights."""
     new, ref = pair(vocab, sizes)
-    assert list(new.state_dict()) == list(ref.state_dict())  # names, masks, checkpoints unchanged
+    torch.manual_seed(5)  # the same seed initializes both alike (stacking keeps the draws)
+    fresh = LFModel(vocab, **sizes)
+    torch.manual_seed(5)
+    old = reference_lfm.LFModel(vocab, **sizes).state_dict()
+    split = per_expert_state(fresh.state_dict())
+    assert split.keys() == old.keys() and all(torch.equal(split[k], old[k]) for k in old)
     x = inputs(vocab, 4, 13, seed=3)
     y = torch.randn(4, 13, vocab or 1, generator=torch.Generator().manual_seed(4))
     out1, gates1, grads1 = loss_and_grads(new.train(), x, y)
@@ -260,11 +277,11 @@ def test_token_mixing_kernel_cache_follows_the_parameters():
     new(x).sum().backward()
     opt.step()
     new.eval()
-    ref.load_state_dict(new.state_dict())
+    ref.load_state_dict(per_expert_state(new.state_dict()))
     with torch.no_grad():
         torch.testing.assert_close(new(x), ref(x), rtol=1e-5, atol=1e-5)
-        new.load_state_dict(pair(V, SIZES[0], seed=1)[1].state_dict())
-        ref.load_state_dict(new.state_dict())
+        new.load_state_dict(pair(V, SIZES[0], seed=1)[0].state_dict())
+        ref.load_state_dict(per_expert_state(new.state_dict()))
         torch.testing.assert_close(new(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
@@ -287,10 +304,11 @@ def test_models_have_no_constructor_defaults():
     defaults gives the defaults' sizes, and a model built without them is an error."""
     p = DEFAULTS["model"]
     lfm = build_model(p, V)
-    expert = lfm.blocks[0].moe.experts[0]
-    assert expert.fc1.base.out_features == p["expert_dim"]
-    assert len(lfm.blocks) == p["num_layers"] and len(lfm.blocks[0].moe.experts) == p["num_experts"]
-    assert lfm.head.in_features == p["d_model"] and expert.fc1.rank == p["adapt_rank"]
+    moe = lfm.blocks[0].moe
+    assert moe.w1.shape == (p["num_experts"], p["expert_dim"], p["d_model"])
+    assert len(lfm.blocks) == p["num_layers"] and len(moe.experts) == p["num_experts"]
+    assert lfm.head.in_features == p["d_model"] and moe.rank == p["adapt_rank"]
+    assert moe.down.shape == (p["num_experts"], p["adapt_rank"], p["d_model"])
     mlp = build_model({**p, "arch": "mlp"}, V)
     assert mlp.context == p["context"] and mlp.mlp.fc1.out_features == p["hidden"]
     with pytest.raises(TypeError):

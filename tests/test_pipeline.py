@@ -77,7 +77,10 @@ def sparsity_from_file(repo: Path) -> float:
     """Zero fraction of the prunable weights, recomputed from the saved model itself."""
     names = json.loads((repo / "data/model/config.json").read_text())["prunable"]
     weights = load_file(str(repo / "data/model/model.safetensors"))
-    assert names and all(weights[n].dim() == 2 for n in names)  # weight matrices only
+    # weight matrices only: 2-D, or an MoE layer's stacked experts [E, rows, cols]
+    assert names and all(weights[n].dim() == 2 or ".moe." in n and weights[n].dim() == 3
+                         for n in names)
+    assert any(".moe." in n for n in names)  # the experts' weights are counted
     zeros = sum(int((weights[n] == 0).sum()) for n in names)
     return zeros / sum(weights[n].numel() for n in names)
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from lfmodel.models.common import AdaptiveLinear, Monitored
-from lfmodel.models.lfm import LFModel
+from lfmodel.models.lfm import Expert, LFModel
 from lfmodel.models.mlp import AutoRegressiveModel
 
-__all__ = ["AdaptiveLinear", "AutoRegressiveModel", "LFModel", "Monitored", "build_model",
-           "groups", "prunable"]
+__all__ = ["AdaptiveLinear", "AutoRegressiveModel", "LFModel", "Monitored", "Slot", "build_model",
+           "groups", "prunable", "weight"]
 
 
 def build_model(model_params: dict, vocab_size: int | None) -> nn.Module:
@@ -35,10 +35,28 @@ def short_name(name: str) -> str:
     return name.replace("blocks.", "block").replace("experts.", "expert")
 
 
-def prunable(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
-    """{group: {full parameter name: weight matrix}}: 2-D weights inside prunable groups."""
-    out: dict[str, dict[str, nn.Parameter]] = {}
+Slot = tuple[nn.Parameter, int | None]  # a weight matrix: the parameter, or its slice [index]
+
+
+def prunable(model: nn.Module) -> dict[str, dict[str, Slot]]:
+    """{group: {name: (parameter, index)}}: the 2-D weight matrices of each prunable group. An
+    expert's are slices of its MoE layer's stacked parameters (index = the expert), named as
+    the per-expert module paths they replace; every other one is a whole parameter (None)."""
+    modules = dict(model.named_modules())
+    out: dict[str, dict[str, Slot]] = {}
     for gname, mod in groups(model).items():
-        prefix = next(n for n, m in model.named_modules() if m is mod)
-        out[gname] = {f"{prefix}.{n}": p for n, p in mod.named_parameters() if p.dim() == 2}
+        prefix = next(n for n, m in modules.items() if m is mod)
+        if isinstance(mod, Expert):
+            moe = prefix.rsplit(".experts.", 1)[0]
+            out[gname] = modules[moe].prunable(moe)[mod.index]
+        else:
+            out[gname] = {f"{prefix}.{n}": (p, None) for n, p in mod.named_parameters()
+                          if p.dim() == 2}
     return out
+
+
+def weight(slot: Slot) -> Tensor:
+    """The weight matrix of a slot, as a tensor that shares the parameter's storage (no
+    autograd): in-place changes to it are changes to the parameter."""
+    p, index = slot
+    return p.detach() if index is None else p.detach()[index]

@@ -11,8 +11,9 @@ The token mixer is the "liquid" part: h_t = lam * h_{t-1} + (1 - lam) * v_t with
 time constant per channel (1 to ~128 steps at init). That recursion is the shape of the Bayes
 filter over a hidden regime, and unlike the seed's full-sequence mean it never sees the future.
 
-Speed (issue 12): the experts keep one module each (parameter names, masks and per-expert logs
-are unchanged) but run as one matmul per layer of experts; the token-mixing kernel is built from
+Speed (issue 12): each MoE layer's expert weights are stacked parameters ([E, ...], one matmul
+per layer of experts); each expert is still its own prunable group, with per-expert masks (named
+as before the stacking), monitoring and input noise; the token-mixing kernel is built from
 S powers per channel instead of S*S, and cached while its parameters do not change. The math is
 that of bench/reference_lfm.py (equal to 1e-5, not bit-identical: the op order differs).
 """
@@ -78,17 +79,13 @@ class ChannelMixing(Monitored):
         return self.fc2(self.observe(F.gelu(self.fc1(self.noisy(x), a))))
 
 
-class Expert(ChannelMixing):
-    """One expert: an adaptive two-layer MLP (its own prunable group). It holds the parameters;
-    MixtureOfExperts runs all experts at once (its forward is the same function, batched)."""
+class Expert(Monitored):
+    """One expert's prunable group: its monitor, input noise and activation entropy. Its
+    weights are slice `index` of MixtureOfExperts' stacked parameters (models.prunable)."""
 
-
-def linears(layers: list[nn.Linear], xs: list[Tensor], x: Tensor) -> Tensor:
-    """[layer_e(xs[e]) for e] concatenated on the last dim: one matmul when every xs[e] is x."""
-    if all(xi is x for xi in xs):
-        bias = None if layers[0].bias is None else torch.cat([lin.bias for lin in layers])
-        return F.linear(x, torch.cat([lin.weight for lin in layers]), bias)
-    return torch.cat([lin(xi) for lin, xi in zip(layers, xs, strict=True)], -1)
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
 
 
 class MixtureOfExperts(nn.Module):
@@ -96,46 +93,85 @@ class MixtureOfExperts(nn.Module):
 
     `gates` keeps the last [B, S, E] gate probabilities for the entropy loss and logging:
     token_entropy = mean_t H(g_t), usage_entropy = H(mean_t g_t) (lfmodel.entropy).
-    All experts run together (each Expert still holds its own weights, so masks, groups and
-    checkpoints are per expert): the first layers as one matmul, [x, m * down(x)] against
-    [W_1; ...; W_E | block_diag(up_1, ..., up_E)] (per expert only while the controller adds
-    input noise to some of them), and sum_e g_e (W2_e h_e + b2_e) as one matmul of the
-    gate-scaled activations against the second layers side by side, plus g @ b2.
+    Expert e is an adaptive two-layer MLP (ChannelMixing's function) whose weights are slice e
+    of stacked parameters, [E, ...] each; PER_EXPERT maps them to the per-expert module paths
+    they replace, which the slices keep as names for masks. All experts run together: the first
+    layers as one matmul, [x, m * down(x)] against [W_1; ...; W_E | block_diag(up_1, ...,
+    up_E)] (per expert only while the controller adds input noise to some of them), and
+    sum_e g_e (W2_e h_e + b2_e) as one matmul of the gate-scaled activations against the second
+    layers side by side, plus g @ b2.
     """
+
+    PER_EXPERT = {"w1": "fc1.base.weight", "b1": "fc1.base.bias", "down": "fc1.down.weight",
+                  "up": "fc1.up.weight", "mod_w": "fc1.mod.weight", "mod_b": "fc1.mod.bias",
+                  "w2": "fc2.weight", "b2": "fc2.bias"}
 
     def __init__(self, d: int, expert_dim: int, num_experts: int, adapt_dim: int, rank: int):
         super().__init__()
         self.gate = nn.Linear(adapt_dim, num_experts)
-        self.experts = nn.ModuleList(
-            Expert(d, expert_dim, adapt_dim, rank) for _ in range(num_experts))
+        # built as E ChannelMixing modules (the same initial values for a seed), then stacked
+        mlps = [ChannelMixing(d, expert_dim, adapt_dim, rank) for _ in range(num_experts)]
+        for name, path in self.PER_EXPERT.items():
+            if rank or path.startswith(("fc1.base", "fc2")):
+                setattr(self, name, nn.Parameter(torch.stack(
+                    [m.get_parameter(path).detach() for m in mlps])))
+        self.rank = rank
+        self.experts = nn.ModuleList(Expert(i) for i in range(num_experts))
         self.gates: Tensor | None = None
 
     def forward(self, x: Tensor, a: Tensor) -> Tensor:
         g = torch.softmax(self.gate(a), dim=-1)
         self.gates = g
-        experts, fc1 = list(self.experts), [e.fc1 for e in self.experts]
+        experts = list(self.experts)
         xs = [e.noisy(x) for e in experts]
-        rank = fc1[0].rank
-        if rank:  # [x, m * down(x)] @ [W_base; block_diag(up)]: base and modulation in one matmul
-            m = linears([f.mod for f in fc1], [a] * len(fc1), a)
-            z = m * linears([f.down for f in fc1], xs, x)  # [B, S, E*r]
-            w = torch.cat([torch.cat([f.base.weight for f in fc1]),
-                           torch.block_diag(*[f.up.weight for f in fc1])], 1)
-            bias = torch.cat([f.base.bias for f in fc1])
-            if all(xi is x for xi in xs):
-                pre = F.linear(torch.cat([x, z], -1), w, bias)
+        same = all(xi is x for xi in xs)
+        if self.rank:  # [x, m * down(x)] @ [W_base; block_diag(up)]: base and modulation in one
+            m = F.linear(a, self.mod_w.flatten(0, 1), self.mod_b.flatten())
+            down = (F.linear(x, self.down.flatten(0, 1)) if same else
+                    torch.cat([F.linear(xi, self.down[i]) for i, xi in enumerate(xs)], -1))
+            z = m * down  # [B, S, E*r]
+            up = torch.block_diag(*self.up.unbind(0))  # [E*H, E*r]
+            if same:
+                w = torch.cat([self.w1.flatten(0, 1), up], 1)
+                pre = F.linear(torch.cat([x, z], -1), w, self.b1.flatten())
             else:
-                pre = linears([f.base for f in fc1], xs, x) + F.linear(z, w[:, x.shape[-1]:])
+                pre = self.first_layers(xs) + F.linear(z, up)
         else:
-            pre = linears([f.base for f in fc1], xs, x)
-        pre = pre.unflatten(-1, (len(experts), -1))
-        act = F.gelu(pre)  # [B, S, E, H]
+            pre = (F.linear(x, self.w1.flatten(0, 1), self.b1.flatten()) if same else
+                   self.first_layers(xs))
+        act = F.gelu(pre.unflatten(-1, (len(experts), -1)))  # [B, S, E, H]
         for i, e in enumerate(experts):
             if e.monitor:
                 e.observe(act[..., i, :])
-        w2 = torch.cat([e.fc2.weight for e in experts], 1)  # [d, E*H]
-        b2 = torch.stack([e.fc2.bias for e in experts])  # [E, d]
-        return F.linear((act * g.unsqueeze(-1)).flatten(-2), w2) + g @ b2
+        w2 = self.w2.permute(1, 0, 2).flatten(1)  # [d, E*H]
+        return F.linear((act * g.unsqueeze(-1)).flatten(-2), w2) + g @ self.b2
+
+    def first_layers(self, xs: list[Tensor]) -> Tensor:
+        """W1_e xs[e] + b1_e for each e, side by side: the per-expert path (input noise)."""
+        return torch.cat([F.linear(xi, self.w1[i], self.b1[i]) for i, xi in enumerate(xs)], -1)
+
+    def prunable(self, prefix: str) -> dict[int, dict[str, tuple[nn.Parameter, int]]]:
+        """{expert: {name: (stacked parameter, expert)}} for the 2-D weights of each expert,
+        named as the per-expert module path they replace (`<prefix>.experts.<e>.fc2.weight`)."""
+        return {e: {f"{prefix}.experts.{e}.{path}": (self.get_parameter(name), e)
+                    for name, path in self.PER_EXPERT.items()
+                    if path.endswith("weight") and hasattr(self, name)}
+                for e in range(len(self.experts))}
+
+
+def per_expert_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state_dict with each stacked expert parameter split into the per-expert entries it
+    replaces (`...moe.experts.<e>.fc1.base.weight`, ...): the layout of the LFModel before the
+    stacking, which bench/reference_lfm.py keeps."""
+    out = {}
+    for key, value in state.items():
+        prefix, _, name = key.rpartition(".")
+        if prefix.endswith("moe") and name in MixtureOfExperts.PER_EXPERT:
+            for e, v in enumerate(value.unbind(0)):
+                out[f"{prefix}.experts.{e}.{MixtureOfExperts.PER_EXPERT[name]}"] = v
+        else:
+            out[key] = value
+    return out
 
 
 class Block(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lfmodel.models import prunable
+from lfmodel.models import Slot, prunable, weight
 
 FAST_PATH_MIN = 1 << 18  # kth_smallest samples a band above this many elements
 
@@ -84,44 +84,64 @@ def _put(t: Tensor, flat_idx: Tensor, values: Tensor | float | bool) -> None:
 
 
 class MaskSet:
-    """One bool mask per prunable weight matrix, grouped by prunable group ("layer")."""
+    """One bool mask per prunable weight matrix, grouped by prunable group ("layer").
+
+    `params[name]` is the weight matrix: a parameter, or for an expert a slice of its MoE
+    layer's stacked parameter (models.prunable). A stacked parameter has one mask whose slices
+    are its experts' masks (`masks[name]`, views: changed in place only), so the per-step ops
+    run once per parameter."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-        self.groups: dict[str, dict[str, nn.Parameter]] = prunable(model)
-        self.params: dict[str, nn.Parameter] = {
-            n: p for g in self.groups.values() for n, p in g.items()}
+        slots = prunable(model)
+        self.groups: dict[str, list[str]] = {g: list(s) for g, s in slots.items()}
+        self.slots: dict[str, Slot] = {n: s for g in slots.values() for n, s in g.items()}
+        self.params: dict[str, Tensor] = {n: p if i is None else weight((p, i))
+                                          for n, (p, i) in self.slots.items()}
+        full: dict[int, tuple[nn.Parameter, Tensor]] = {}
+        for p, _ in self.slots.values():
+            full.setdefault(id(p), (p, torch.ones(p.shape, dtype=torch.bool, device=p.device)))
+        self._full = list(full.values())
         self.masks: dict[str, Tensor] = {
-            n: torch.ones(p.shape, dtype=torch.bool, device=p.device)
-            for n, p in self.params.items()}
+            n: full[id(p)][1] if i is None else full[id(p)][1][i]
+            for n, (p, i) in self.slots.items()}
         self.optimizer = optimizer
         self.enabled = False  # nothing to do until the first collapse
 
     # -- the per-step invariant
     @torch.no_grad()
     def mask_grads(self) -> None:
-        """grad *= mask for every prunable weight, in one fused multi-tensor op."""
+        """grad *= mask for every prunable parameter, in one fused multi-tensor op."""
         if not self.enabled:
             return
-        named = [(p.grad, self.masks[n]) for n, p in self.params.items() if p.grad is not None]
+        named = [(p.grad, m) for p, m in self._full if p.grad is not None]
         if named:
             grads, masks = zip(*named, strict=True)
             torch._foreach_mul_(list(grads), list(masks))
 
     @torch.no_grad()
     def apply(self) -> None:
-        """weight *= mask for every prunable weight, in one fused multi-tensor op."""
+        """weight *= mask for every prunable parameter, in one fused multi-tensor op."""
         if self.enabled:
-            torch._foreach_mul_(list(self.params.values()), [self.masks[n] for n in self.params])
+            torch._foreach_mul_([p for p, _ in self._full], [m for _, m in self._full])
+
+    def grad(self, name: str) -> Tensor | None:
+        """The gradient of one weight matrix (a view of its parameter's), None before backward."""
+        p, i = self.slots[name]
+        return p.grad if p.grad is None or i is None else p.grad[i]
+
+    def state(self, name: str) -> list[Tensor]:
+        """The optimizer's per-entry state of one weight matrix (Adam's moments), as views."""
+        p, i = self.slots[name]
+        st = self.optimizer.state.get(p, {}) if self.optimizer is not None else {}
+        return [v if i is None else v[i] for v in st.values()
+                if isinstance(v, Tensor) and v.shape == p.shape]
 
     @torch.no_grad()
     def _zero_state(self, name: str, where: Tensor) -> None:
         """Zero weight and Adam moments of `name` at `where` (bool, same shape)."""
-        p = self.params[name]
-        p.masked_fill_(where, 0)
-        if self.optimizer is not None:
-            for v in self.optimizer.state.get(p, {}).values():
-                if isinstance(v, Tensor) and v.shape == p.shape:
-                    v.masked_fill_(where, 0)
+        self.params[name].masked_fill_(where, 0)
+        for v in self.state(name):
+            v.masked_fill_(where, 0)
 
     # -- measurement
     def names(self, group: str | None = None) -> list[str]:
@@ -175,15 +195,15 @@ class MaskSet:
         return torch.where(self.masks[name], self.params[name].detach().abs(), -1.0)
 
     def _set_pruned(self, name: str, pruned: Tensor) -> None:
-        self.masks[name] = ~pruned
+        self.masks[name].copy_(~pruned)
         self._zero_state(name, pruned)
 
     def _grad(self, name: str) -> Tensor:
-        p = self.params[name]
-        if p.grad is None:
+        g = self.grad(name)
+        if g is None:
             raise ValueError(f"regrow by gradient needs a dense gradient, but {name} has none "
                              "(call it after backward, before the optimizer step)")
-        return p.grad
+        return g
 
     @torch.no_grad()
     def surge(self, fraction: float, how: str, noise_scale: float,
@@ -238,8 +258,8 @@ class MaskSet:
         return {n: m.clone() for n, m in self.masks.items()}
 
     def load_state_dict(self, masks: dict[str, Tensor]) -> None:
-        for n in self.masks:
-            self.masks[n] = masks[n].to(self.params[n].device, torch.bool).contiguous().clone()
+        for n, m in self.masks.items():
+            m.copy_(masks[n].to(m.device, torch.bool))
         self.enabled = any(not bool(m.all()) for m in self.masks.values())
 
     def save(self, path: str | Path) -> None:
