@@ -22,10 +22,19 @@ from pathlib import Path
 import yaml
 from _common import ROOT, machine
 
+# rss.json is written by an atexit handler: a finished stage ends through config.exit_fast
+# (atexit handlers run, then os._exit), so nothing after run_path runs on success.
 PROBE = r"""
-import json, resource, runpy, sys
+import atexit, json, resource, runpy, sys
 target = sys.argv[1]
-code = 0
+state = {"code": 0}
+
+def report():
+    with open("rss.json", "w") as f:
+        json.dump({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                   "code": state["code"]}, f)
+
+atexit.register(report)
 if target == "imports":
     import mlflow, pandas, torch  # noqa
     import lfmodel.training, lfmodel.tracking, lfmodel.checkpoint, lfmodel.models  # noqa
@@ -35,9 +44,7 @@ else:
     try:
         runpy.run_path(target, run_name="__main__")
     except SystemExit as e:
-        code = e.code or 0
-with open("rss.json", "w") as f:
-    json.dump({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "code": code}, f)
+        state["code"] = e.code or 0
 """
 
 
