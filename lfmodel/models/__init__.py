@@ -48,7 +48,7 @@ def prunable(model: nn.Module) -> dict[str, dict[str, Slot]]:
         prefix = next(n for n, m in modules.items() if m is mod)
         if isinstance(mod, Expert):
             moe = prefix.rsplit(".experts.", 1)[0]
-            out[gname] = modules[moe].prunable(moe)[mod.index]
+            out[gname] = modules[moe].expert_weights(moe, mod.index)
         else:
             out[gname] = {f"{prefix}.{n}": (p, None) for n, p in mod.named_parameters()
                           if p.dim() == 2}

@@ -150,13 +150,12 @@ class MixtureOfExperts(nn.Module):
         """W1_e xs[e] + b1_e for each e, side by side: the per-expert path (input noise)."""
         return torch.cat([F.linear(xi, self.w1[i], self.b1[i]) for i, xi in enumerate(xs)], -1)
 
-    def prunable(self, prefix: str) -> dict[int, dict[str, tuple[nn.Parameter, int]]]:
-        """{expert: {name: (stacked parameter, expert)}} for the 2-D weights of each expert,
-        named as the per-expert module path they replace (`<prefix>.experts.<e>.fc2.weight`)."""
-        return {e: {f"{prefix}.experts.{e}.{path}": (self.get_parameter(name), e)
-                    for name, path in self.PER_EXPERT.items()
-                    if path.endswith("weight") and hasattr(self, name)}
-                for e in range(len(self.experts))}
+    def expert_weights(self, prefix: str, e: int) -> dict[str, tuple[nn.Parameter, int]]:
+        """{name: (stacked parameter, e)} for expert e's 2-D weights, named as the per-expert
+        module path they replace (`<prefix>.experts.<e>.fc2.weight`)."""
+        return {f"{prefix}.experts.{e}.{path}": (self.get_parameter(name), e)
+                for name, path in self.PER_EXPERT.items()
+                if path.endswith("weight") and hasattr(self, name)}
 
 
 def per_expert_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
