@@ -122,6 +122,22 @@ def test_lfmodel_trains_below_unigram(regimes, lambda_runs):
     assert val > float(va["bayes_nll"].mean()) - 0.02   # and never beats the Bayes optimum
 
 
+def test_evaluate_in_chunks_is_the_loss_of_one_forward(regimes, lambda_runs):
+    """evaluate runs the forward in chunks (peak memory); the loss is that of the whole batch,
+    bit for bit, and of every sequence (an uneven last chunk, several loss batches)."""
+    splits, _ = regimes
+    trainer = lambda_runs[0.0][0]
+    x, y = splits["val"]["inputs"][:50], splits["val"]["targets"][:50]
+    trainer.model.eval()
+    with torch.no_grad():
+        whole = float(torch.nn.functional.cross_entropy(
+            trainer.model(x).reshape(-1, V), y.reshape(-1)))
+    assert trainer.evaluate(x, y, batch_size=50, chunk=16) == whole
+    batched = trainer.evaluate(x, y, batch_size=20, chunk=7)
+    assert math.isclose(batched, whole, rel_tol=1e-6)
+    assert batched != trainer.evaluate(x[:40], y[:40], batch_size=20, chunk=7)
+
+
 def run_once(splits, seed: int) -> Trainer:
     surge = {"mode": "interval", "target_sparsity": 0.5, "scope": "layer", "collapse_every": 10,
              "surge_every": 20, "regrow": "random", "recovery": 0.25, "noise_scale": 0.5}
