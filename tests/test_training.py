@@ -14,7 +14,7 @@ from lfmodel.data import bigram_loss, prepare_regimes, unigram_loss
 from lfmodel.entropy import gate_entropies
 from lfmodel.models import AutoRegressiveModel, LFModel
 from lfmodel.sparsity import build_schedule
-from lfmodel.training import DivergenceError, TrainConfig, Trainer, seed_everything
+from lfmodel.training import DivergenceError, TrainConfig, Trainer, seed_everything, task_loss
 
 V = 8
 DATA = {"num_regimes": 2, "vocab_size": V, "dirichlet_alpha": 0.2, "switch_prob": 1 / 32,
@@ -130,8 +130,7 @@ def test_evaluate_in_chunks_is_the_loss_of_one_forward(regimes, lambda_runs):
     x, y = splits["val"]["inputs"][:50], splits["val"]["targets"][:50]
     trainer.model.eval()
     with torch.no_grad():
-        whole = float(torch.nn.functional.cross_entropy(
-            trainer.model(x).reshape(-1, V), y.reshape(-1)))
+        whole = float(task_loss(trainer.model(x), y))
     assert trainer.evaluate(x, y, batch_size=50, chunk=16) == whole
     batched = trainer.evaluate(x, y, batch_size=20, chunk=7)
     assert math.isclose(batched, whole, rel_tol=1e-6)
