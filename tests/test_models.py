@@ -213,7 +213,10 @@ def loss_and_grads(model, x, y):
 @pytest.mark.parametrize("vocab", [V, None], ids=["tokens", "series"])
 def test_batched_lfm_equals_reference_outputs_and_gradients(vocab, sizes):
     """Outputs, gates and every parameter's gradient equal the reference's to 1e-5 (the op order
-    differs, so not bit for bit), in training mode, on random inputs and random weights."""
+    differs, so not bit for bit), in training mode, on random inputs and random weights.
+
+    Gradients to 1e-5 of their scale: here they reach ~30, where float32 itself is only good to
+    ~1e-5 absolute (against a float64 evaluation both models are off by up to 1.9e-5)."""
     new, ref = pair(vocab, sizes)
     torch.manual_seed(5)  # the same seed initializes both alike (stacking keeps the draws)
     fresh = LFModel(vocab, **sizes)
@@ -230,7 +233,8 @@ def test_batched_lfm_equals_reference_outputs_and_gradients(vocab, sizes):
         torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-5)
     assert grads1.keys() == grads0.keys()
     for name, g0 in grads0.items():
-        torch.testing.assert_close(grads1[name], g0, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(grads1[name], g0, rtol=1e-5,
+                                   atol=1e-5 * max(1.0, g0.abs().max().item()), msg=name)
         assert g0.abs().max() > 0, f"{name}: zero gradient, the comparison is vacuous"
 
 

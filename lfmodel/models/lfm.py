@@ -120,7 +120,11 @@ class MixtureOfExperts(nn.Module):
         self.gates: Tensor | None = None
 
     def forward(self, x: Tensor, a: Tensor) -> Tensor:
-        g = torch.softmax(self.gate(a), dim=-1)
+        # gate logits experts-first, [E, tokens], softmax over dim 0: torch's CPU softmax over a
+        # last dim of 4 is ~10x slower (179 vs 18 us); g is [B, S, E] again as a free view
+        logits = torch.addmm(self.gate.bias[:, None], self.gate.weight,
+                             a.reshape(-1, a.shape[-1]).T)
+        g = torch.softmax(logits, dim=0).T.view(*a.shape[:-1], -1)
         self.gates = g
         experts = list(self.experts)
         xs = [e.noisy(x) for e in experts]
