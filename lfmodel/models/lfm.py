@@ -40,8 +40,9 @@ class TokenMixing(Monitored):
         self._kernel: tuple[tuple, Tensor] | None = None  # (key, [d, S, S]) when no graph is needed
 
     def kernel(self, s: int) -> Tensor:
-        """K[c, j, t] = (1 - lam_c) lam_c^(t-j) for j <= t, else 0: per channel, the causal
-        Toeplitz kernel from inputs j to outputs t (transposed, as the matmul reads it).
+        """K[c, j, t] = (1 - lam_c) lam_c^(t-j) for j <= t, else 0 (and 0 where that underflows
+        float's normal range): per channel, the causal Toeplitz kernel from inputs j to outputs
+        t (transposed, as the matmul reads it).
 
         Built from the S powers (1 - lam) lam^l (S*d exps, not S*S*d) laid out by an unfold.
         Without a graph (eval, trace, sampling) it is kept until decay_logit changes (version
@@ -55,9 +56,9 @@ class TokenMixing(Monitored):
             return self._kernel[1][:, :s, :s]
         lag = torch.arange(s, device=p.device, dtype=p.dtype)
         log_powers = torch.addcmul(F.logsigmoid(-p)[:, None], F.logsigmoid(p)[:, None], lag)
-        # powers below the smallest normal float are 0: subnormal entries (lam^l of the fast
-        # channels) slow every matmul that reads the kernel ~2.6x on x86, and a float sum with
-        # the lag-0 term (1 - lam >= 1e-3) cannot hold them
+        # powers below the smallest normal float are exact zeros: subnormal entries (lam^l of
+        # the fast channels) slowed the matmuls reading the kernel 2.6x on x86, and next to the
+        # lag-0 term (1 - lam) v_t no float sum can hold them
         powers = torch.exp(log_powers).masked_fill(
             log_powers < math.log(torch.finfo(p.dtype).tiny), 0)
         row = torch.cat([powers.new_zeros(p.shape[0], s - 1), powers], -1)  # [d, 2S-1]
