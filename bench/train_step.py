@@ -16,6 +16,12 @@ clock and by process CPU time (`cpu_`, which a machine shared with other jobs in
 FLOPs per step are model FLOPs: torch's FlopCounterMode on one reference step (the math as
 defined, whatever the implementation skips or adds); `new_counted` is the same count on the
 package model (its block-diagonal weights multiply some zeros).
+Every step takes the next of BATCHES batches of the default data (every side the same ones, in
+the same order). Not one fixed batch: a model fitting one batch for hundreds of steps saturates
+its gates and fills its backward with subnormal floats, which x86 computes slowly, so both
+sides slowed down block after block (1 thread, the package model: 34 -> 41 -> 51 ms over three
+runs of 145 steps), unlike a real run (the Trainer on the default data: 20.6-23.1 ms per step
+at 2 threads, means over 100 steps, from the first step to the 1,000th).
 Before timing, outputs, gates and gradients of both models (the same weights: the package's
 stacked expert parameters split per expert for the reference) must agree to
 1e-5. BENCH_THREADS=1 or 2 runs one thread count (default: both). Prints one JSON line.
@@ -25,6 +31,7 @@ Targets: speed-up >= 2 at 1 and at 2 threads, step FLOP/s >= 50 % of matmul FLOP
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
@@ -40,11 +47,13 @@ from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lfmodel.config import load_params  # noqa: E402
+from lfmodel.data import build  # noqa: E402
 from lfmodel.entropy import regularized_loss  # noqa: E402
 from lfmodel.models import build_model  # noqa: E402
 from lfmodel.models.lfm import per_expert_state  # noqa: E402
 
 MATMUL_N = 1024
+BATCHES = 64
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
 TOL = 1e-5
 
@@ -53,6 +62,17 @@ def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict) -> torc
     out, gates = model(x, return_gates=True)
     task = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
     return regularized_loss(task, gates, t["lambda_entropy"], t["lambda_balance"])[0]
+
+
+def default_batches(params: dict, n: int = BATCHES) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """n training batches of the default data (lfmodel.data, as the prepare stage builds it),
+    drawn as the Trainer draws them: the regime a real run's steps are in."""
+    train = build(params["data"], params["seed"])[0]["train"]
+    x, y = torch.as_tensor(train["inputs"]), torch.as_tensor(train["targets"])
+    g = torch.Generator().manual_seed(params["seed"])
+    draws = (torch.randint(0, x.shape[0], (params["train"]["batch_size"],), generator=g)
+             for _ in range(n))
+    return [(x[i], y[i]) for i in draws]
 
 
 def step(model: nn.Module, opt: torch.optim.Optimizer, x, y, t: dict, trainer: bool = False
@@ -174,9 +194,8 @@ def main() -> None:
         "d_model", "num_layers", "num_experts", "expert_dim", "adapt_dim", "adapt_rank")})
     ref.load_state_dict(per_expert_state(new.state_dict()))
     new_fused = copy.deepcopy(new)
-    g = torch.Generator().manual_seed(params["seed"])
-    x = torch.randint(0, vocab, (tr["batch_size"], data["seq_len"]), generator=g)
-    y = torch.randint(0, vocab, (tr["batch_size"], data["seq_len"]), generator=g)
+    batches = default_batches(params)
+    x, y = batches[0]
 
     torch.set_num_threads(1)
     diffs = max_diffs(new, ref, x, y, t)
@@ -189,7 +208,8 @@ def main() -> None:
             "new": torch.optim.Adam(new.parameters(), **adam),
             "new_fused": torch.optim.Adam(new_fused.parameters(), fused=True, **adam)}
     models = {"ref": ref, "new": new, "new_fused": new_fused}
-    sides = {k: (lambda k=k: step(models[k], opts[k], x, y, t, k == "new_fused"))
+    feeds = {k: itertools.cycle(batches) for k in models}  # each side: the same batches in turn
+    sides = {k: (lambda k=k: step(models[k], opts[k], *next(feeds[k]), t, k == "new_fused"))
              for k in models}
     own = replay(gemms(sides["new_fused"]))
     results = {str(n): run(n, sides, steps, repeats, step_flops, own) for n in thread_counts}
