@@ -67,7 +67,7 @@ def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, t: dict) -> torc
 def default_batches(params: dict, n: int = BATCHES) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """n training batches of the default data (lfmodel.data, as the prepare stage builds it),
     drawn as the Trainer draws them: the regime a real run's steps are in."""
-    train = build(params["data"], params["seed"])[0]["train"]
+    train = build(params["data"], params["seed"], base=ROOT)[0]["train"]
     x, y = torch.as_tensor(train["inputs"]), torch.as_tensor(train["targets"])
     g = torch.Generator().manual_seed(params["seed"])
     draws = (torch.randint(0, x.shape[0], (params["train"]["batch_size"],), generator=g)
