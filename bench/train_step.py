@@ -211,7 +211,9 @@ def main() -> None:
     feeds = {k: itertools.cycle(batches) for k in models}  # each side: the same batches in turn
     sides = {k: (lambda k=k: step(models[k], opts[k], *next(feeds[k]), t, k == "new_fused"))
              for k in models}
-    own = replay(gemms(sides["new_fused"]))
+    probe = copy.deepcopy(new_fused)  # a copy, so that every side starts at the same step and batch
+    probe_opt = torch.optim.Adam(probe.parameters(), fused=True, **adam)
+    own = replay(gemms(lambda: step(probe, probe_opt, x, y, t, True)))
     results = {str(n): run(n, sides, steps, repeats, step_flops, own) for n in thread_counts}
     met = equal and all(r["speedup_new_fused"] >= 2 and r["new_fused_fraction_of_matmul"] >= 0.5
                         for r in results.values())
