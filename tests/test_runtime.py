@@ -90,18 +90,42 @@ def test_training_state_lives_on_the_device(device):
         assert m.device.type == dev.type and torch.equal(m.cpu(), before[n])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
-def test_cuda_same_params_same_numbers():
-    def losses() -> list[float]:
-        params = validate({"model": {"d_model": 16, "expert_dim": 16, "adapt_dim": 8},
-                           "train": {"steps": 20, "batch_size": 8}})
+@pytest.fixture
+def deterministic_flag_restored():
+    """select_device("cuda") switches deterministic algorithms on for the whole process."""
+    saved = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(saved)
+
+
+@pytest.mark.usefixtures("deterministic_flag_restored")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["dense", "static", "gradual", "interval", "rigl", "adaptive"])
+def test_same_params_same_numbers_in_every_surge_mode(mode, device):
+    """Two runs of the same params on the device give the same losses, events and masks. On
+    cuda the run has deterministic algorithms on (runtime.select_device), so every op of a
+    collapse, surge, rewire or controller decision must have a deterministic CUDA kernel:
+    torch.kthvalue has none and raises there (the masks take the k-th value from a sort)."""
+    def run() -> tuple:
+        params = validate({
+            "model": {"d_model": 16, "expert_dim": 16, "adapt_dim": 8, "adapt_rank": 2},
+            "train": {"steps": 20, "batch_size": 8, "log_every": 4, "eval_every": 10},
+            "surge": {"mode": mode, "collapse_every": 4, "surge_every": 8, "rigl_every": 4,
+                      "check_every": 4, "gradual_every": 4}})
         splits, meta = prepare_regimes({**params["data"], "n_train": 64, "n_val": 16,
                                         "n_test": 16, "seq_len": 16}, seed=0)
         seed_everything(0, 1)
-        dev = runtime.select_device("cuda")
+        dev = runtime.select_device(device)
         model = build_model(params["model"], meta["vocab_size"]).to(dev)
-        trainer = Trainer(model, splits["train"], splits["val"],
-                          TrainConfig.from_params(params), [])
-        return trainer.fit().losses
+        trainer = Trainer(model, splits["train"], splits["val"], TrainConfig.from_params(params),
+                          [build_schedule(params["surge"], 20, 0)])
+        trainer.fit()
+        return (trainer.losses, trainer.events,
+                {n: m.cpu() for n, m in trainer.masks.masks.items()})
 
-    assert losses() == losses()
+    (losses, events, masks), again = run(), run()
+    assert (losses, events) == again[:2]
+    assert masks.keys() == again[2].keys()
+    assert all(torch.equal(m, again[2][n]) for n, m in masks.items())
+    if mode != "dense":
+        assert events and any(not m.all() for m in masks.values())

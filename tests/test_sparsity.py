@@ -14,6 +14,7 @@ from torch import nn
 
 from lfmodel.models import AutoRegressiveModel, LFModel, Monitored
 from lfmodel.sparsity import MaskSet, build_schedule, lowest_k
+from lfmodel.sparsity import masks as masks_module
 from lfmodel.sparsity.masks import FAST_PATH_MIN, kth_in_band, kth_smallest, sample_positions
 from lfmodel.training import Trainer
 
@@ -190,6 +191,16 @@ KS = (1, 2, N_BIG // 20, N_BIG // 10 + 1, N_BIG // 3, N_BIG // 2, N_BIG - N_BIG 
       N_BIG - 1, N_BIG)
 
 
+@pytest.fixture(params=["kthvalue", "sort"])
+def route(request, monkeypatch):
+    """Both ways to a k-th value: torch.kthvalue, and the sort a cuda run takes instead
+    (masks.SORT_DEVICES; kthvalue raises there under deterministic algorithms), here on cpu."""
+    if request.param == "sort":
+        monkeypatch.setattr(masks_module, "SORT_DEVICES", {"cpu", "cuda"})
+    return request.param
+
+
+@pytest.mark.usefixtures("route")
 @pytest.mark.parametrize("kind", ["random", "tied", "inf"])
 def test_kth_smallest_fast_path_equals_kthvalue(kind):
     """The sampled band finds the exact k-th value (checked against torch.kthvalue) for every
@@ -205,6 +216,7 @@ def test_kth_smallest_fast_path_equals_kthvalue(kind):
         assert torch.equal(kth_smallest(flat, k), expected), (kind, k)
 
 
+@pytest.mark.usefixtures("route")
 @pytest.mark.parametrize("kind", ["random", "tied", "inf"])
 def test_kth_smallest_fallback_when_the_band_misses(kind):
     """A sample that lies (every sampled position holds a huge value) gives a band the counts

@@ -18,11 +18,22 @@ from torch import Tensor, nn
 from lfmodel.models import Slot, prunable, weight
 
 FAST_PATH_MIN = 1 << 18  # kth_smallest samples a band above this many elements
+# Devices where the k-th value comes from a sort: kthvalue's CUDA kernel raises under
+# torch.use_deterministic_algorithms (which index it returns among ties is not deterministic),
+# and runtime.select_device switches that on for every cuda run. The value is the same.
+SORT_DEVICES = {"cuda"}
 
 
 def _count(mask: Tensor) -> int:
     """True entries of a bool tensor (count_nonzero: ~10x faster than .sum() on bools)."""
     return int(torch.count_nonzero(mask))
+
+
+def kthvalue(values: Tensor, k: int) -> Tensor:
+    """torch.kthvalue(values, k).values (1-D, k 1-based), also on a device in SORT_DEVICES."""
+    if values.device.type in SORT_DEVICES:
+        return values.sort().values[k - 1]
+    return torch.kthvalue(values, k).values
 
 
 def sample_positions(n: int) -> Tensor:
@@ -46,7 +57,7 @@ def kth_in_band(flat: Tensor, k: int) -> Tensor | None:
     below = _count(flat < lo)
     band = flat[(flat >= lo) & (flat <= hi)]
     if below < k <= below + band.numel():
-        return torch.kthvalue(band, k - below).values
+        return kthvalue(band, k - below)
     return None
 
 
@@ -57,7 +68,7 @@ def kth_smallest(flat: Tensor, k: int) -> Tensor:
         value = kth_in_band(flat, k)
         if value is not None:
             return value
-    return torch.kthvalue(flat, k).values
+    return kthvalue(flat, k)
 
 
 def lowest_k(scores: Tensor, k: int) -> Tensor:
