@@ -13,7 +13,9 @@ Queue safety: store schema and experiment are created under a file lock (`.mlflo
 repo root), so parallel `dvc queue` workers never race on the schema; every call is retried on
 SQLite "database is locked" (MLflow also sets a 20 s busy timeout).
 
-DVC run cache (decision): `train` is kept out of the run cache, other stages are left in it.
+DVC run cache (decision): `train` is kept out of the run cache, and so is `prepare` (see
+dvc.yaml: queued experiments with the same data share its entry, on which DVC races);
+`trace` and `evaluate` are left in it.
 What links a DVC result to its MLflow run is `reports/train/run.json` (a train output, so it is
 in every experiment's outputs) and, for experiments, the run's `dvc.exp_name` tag.
   * `train` has a `persist: true` output (data/checkpoints), and DVC never saves or restores a

@@ -280,6 +280,22 @@ def test_exp_run_logs_second_run_tagged_with_exp_name(pipeline):
     assert json.loads((repo / "reports/train/run.json").read_text())["run_id"] == r.info.run_id
 
 
+def test_no_run_cache_entry_is_shared_by_two_experiments(pipeline):
+    """Every stage is out of DVC's run cache (a persisted output) or keys on the train run's id
+    (reports/train/run.json), so two queue workers never save and restore one entry at once:
+    DVC 3.x's restore takes another worker's half-written entry for a corrupted one and deletes
+    it, failing that worker's experiment (seen in the tiny study: two arms, one seed, -j 2)."""
+    from dvc.repo import Repo
+    from dvc.stage.cache import _can_hash
+
+    with Repo(str(pipeline["repo"])) as dvc_repo:
+        stages = list(dvc_repo.index.stages)
+    assert {s.name for s in stages} == {"prepare", "train", "trace", "evaluate"}
+    for stage in stages:
+        keyed_on_run = any(str(d.def_path) == "reports/train/run.json" for d in stage.deps)
+        assert keyed_on_run or not _can_hash(stage), stage.name
+
+
 def test_run_cache_never_points_metrics_at_a_missing_run(pipeline):
     """train is kept out of DVC's run cache (persisted output); trace/evaluate key on run.json.
 
