@@ -290,10 +290,10 @@ def test_no_run_cache_entry_is_shared_by_two_experiments(pipeline):
 
     with Repo(str(pipeline["repo"])) as dvc_repo:
         stages = list(dvc_repo.index.stages)
-    assert {s.name for s in stages} == {"prepare", "train", "trace", "evaluate"}
-    for stage in stages:
-        keyed_on_run = any(str(d.def_path) == "reports/train/run.json" for d in stage.deps)
-        assert keyed_on_run or not _can_hash(stage), stage.name
+        assert {s.name for s in stages} == {"prepare", "train", "trace", "evaluate"}
+        for stage in stages:
+            keyed_on_run = any(str(d.def_path) == "reports/train/run.json" for d in stage.deps)
+            assert keyed_on_run or not _can_hash(stage), stage.name
 
 
 def test_run_cache_never_points_metrics_at_a_missing_run(pipeline):
