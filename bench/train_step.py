@@ -2,17 +2,18 @@
 today's forward (bench/reference_lfm.py), in one process, on the same inputs (issue 12).
 
 A step is forward (with gates) + task loss + lambda_entropy * gate entropy + backward + grad
-clip + Adam, with params.yaml's defaults (batch 32, seq 64, d_model 64, 4 experts,
-expert_dim 64). Sides, interleaved in every repeat so that a shared machine's load hits them
-alike: `ref` (reference model, today's Adam), `new` (package model, the same Adam: the model's
-own speed-up), `new_fused` (package model, Adam(fused=True), clipped with foreach=True: what
-the step gains from the optimizer too; the step the Trainer runs, on which the targets are
-judged), `matmul` (a 1024^3 fp32 matmul: the machine's reference FLOP/s at the same thread
-count) and `own_matmuls` (the matmuls of one new_fused step, forward and backward, replayed
-alone on random operands of the same shapes: the rate this model's small, skinny matmuls reach
-at best, a realistic ceiling for the step). Times are medians over BENCH_REPEATS blocks of
-BENCH_STEPS steps; speed-ups are medians of the per-block ratios; each figure twice, by wall
-clock and by process CPU time (`cpu_`, which a machine shared with other jobs inflates less).
+clip + Adam, with params.yaml's defaults (batch 32, seq 64, d_model 64, 4 experts, expert_dim
+64). Sides, interleaved in every repeat so that a shared machine's load hits them alike: `ref`
+(reference model, today's Adam), `new` (package model, the same Adam: the model's own
+speed-up), `new_fused` (package model, the Trainer's update: lfmodel.optim's Adam, the fused
+kernel stepped directly, and its clipping: what the step gains from the optimizer too; the step
+the Trainer runs, on which the targets are judged), `matmul` (a 1024^3 fp32 matmul: the
+machine's reference FLOP/s at the same thread count) and `own_matmuls` (the matmuls of one
+new_fused step, forward and backward, replayed alone on random operands of the same shapes: the
+rate this model's small, skinny matmuls reach at best, a realistic ceiling for the step). Times
+are medians over BENCH_REPEATS blocks of BENCH_STEPS steps; speed-ups are medians of the
+per-block ratios; each figure twice, by wall clock and by process CPU time (`cpu_`, which a
+machine shared with other jobs inflates less).
 FLOPs per step are model FLOPs: torch's FlopCounterMode on one reference step (the math as
 defined, whatever the implementation skips or adds); `new_counted` is the same count on the
 package model (its block-diagonal weights multiply some zeros).
@@ -51,6 +52,7 @@ from lfmodel.data import build  # noqa: E402
 from lfmodel.entropy import regularized_loss  # noqa: E402
 from lfmodel.models import build_model  # noqa: E402
 from lfmodel.models.lfm import per_expert_state  # noqa: E402
+from lfmodel.optim import Adam, clip_grad_norm_  # noqa: E402
 
 MATMUL_N = 1024
 BATCHES = 64
@@ -77,12 +79,13 @@ def default_batches(params: dict, n: int = BATCHES) -> list[tuple[torch.Tensor, 
 
 def step(model: nn.Module, opt: torch.optim.Optimizer, x, y, t: dict, trainer: bool = False
          ) -> None:
-    """One step; `trainer`: clipped as the Trainer clips (foreach), else as before issue 12."""
+    """One step; `trainer`: clipped as the Trainer clips (lfmodel.optim), else as before
+    issue 12."""
     loss = loss_of(model, x, y, t)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if trainer:
-        nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], t["grad_clip"], foreach=True)
+        clip_grad_norm_(opt.param_groups[0]["params"], t["grad_clip"])
     else:
         nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
     opt.step()
@@ -206,13 +209,13 @@ def main() -> None:
     adam = {"lr": tr["lr"], "weight_decay": tr["weight_decay"]}
     opts = {"ref": torch.optim.Adam(ref.parameters(), **adam),
             "new": torch.optim.Adam(new.parameters(), **adam),
-            "new_fused": torch.optim.Adam(new_fused.parameters(), fused=True, **adam)}
+            "new_fused": Adam(new_fused.parameters(), **adam)}
     models = {"ref": ref, "new": new, "new_fused": new_fused}
     feeds = {k: itertools.cycle(batches) for k in models}  # each side: the same batches in turn
     sides = {k: (lambda k=k: step(models[k], opts[k], *next(feeds[k]), t, k == "new_fused"))
              for k in models}
     probe = copy.deepcopy(new_fused)  # a copy, so that every side starts at the same step and batch
-    probe_opt = torch.optim.Adam(probe.parameters(), fused=True, **adam)
+    probe_opt = Adam(probe.parameters(), **adam)
     own = replay(gemms(lambda: step(probe, probe_opt, x, y, t, True)))
     results = {str(n): run(n, sides, steps, repeats, step_flops, own) for n in thread_counts}
     met = equal and all(r["speedup_new_fused"] >= 2 and r["new_fused_fraction_of_matmul"] >= 0.5

@@ -12,7 +12,7 @@ import torch
 
 from lfmodel.config import DEFAULTS
 from lfmodel.models import AdaptiveLinear, AutoRegressiveModel, LFModel, build_model, groups, prunable, weight
-from lfmodel.models.lfm import TokenMixing, per_expert_state
+from lfmodel.models.lfm import DecayKernel, TokenMixing, per_expert_state
 
 V = 11          # vocabulary
 B, S = 3, 9     # B != S, B > 1
@@ -287,6 +287,13 @@ def test_token_mixing_kernel_cache_follows_the_parameters():
         new.load_state_dict(pair(V, SIZES[0], seed=1)[0].state_dict())
         ref.load_state_dict(per_expert_state(new.state_dict()))
         torch.testing.assert_close(new(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_decay_kernel_gradient_in_closed_form():
+    """DecayKernel's backward (dK/dp = K (l (1 - lam) - lam)) against finite differences, in
+    float64, with decays from fast to slow."""
+    p = torch.linspace(-3.0, 5.0, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q: DecayKernel.apply(q, 9), (p,))
 
 
 def test_token_mixing_kernel_has_no_subnormal_entries():
