@@ -48,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
         "adapt_dim": 16, "adapt_rank": 4, "context": 8, "hidden": 256,
     },
     "train": {
-        "steps": 1000, "batch_size": 32, "lr": 0.015, "weight_decay": 0.0, "cosine": True,
+        "steps": 1100, "batch_size": 32, "lr": 0.015, "weight_decay": 0.0, "cosine": True,
         "warmup_steps": 50, "grad_clip": 1.0, "lambda_balance": 0.0, "eval_every": 100,
         "log_every": 25, "checkpoint_every": 200, "threads": 0, "device": "auto",
     },

@@ -2,7 +2,7 @@
 
 Input `runs`: one row per finished run (lfmodel.study reads them from MLflow):
   run_id, parent_run_id (the sweep's MLflow parent run), arm, target_sparsity (the arm's target,
-  NaN for dense and adaptive_bare), budget (multiple of the default steps), seed,
+  NaN for dense and adaptive_bare), budget (multiple of arms.UNIT_STEPS), seed,
   lambda_entropy, lambda_balance, and the metrics of reports/metrics.json (excess_loss,
   sparsity = the measured final sparsity, token_entropy, ...), plus the per-layer columns of
   LAYER_MEASURES for the lambda sub-study.
@@ -26,7 +26,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from lfmodel.arms import BASELINES, SPARSITIES
+from lfmodel.arms import BASELINES, SPARSITIES, UNIT_STEPS
 from lfmodel.config import DEFAULTS
 from lfmodel.evaluation import DEAD_SHARE
 from lfmodel.stats import (
@@ -94,7 +94,7 @@ def with_stability(runs: pd.DataFrame, curves: pd.DataFrame | None) -> pd.DataFr
     out["loss_spikes"], out["val_range_last20"] = math.nan, math.nan
     if curves is None or curves.empty:
         return out
-    steps = out.set_index("run_id")["budget"] * DEFAULTS["train"]["steps"]
+    steps = out.set_index("run_id")["budget"] * UNIT_STEPS
     for rid, c in curves.sort_values("step").groupby("run_id"):
         if rid not in steps.index:
             continue

@@ -75,7 +75,7 @@ def test_names_deterministic_unique_and_overrides_valid():
     for name, p in names.items():
         assert name.startswith("st1-") and all(c.isalnum() or c in "-." for c in name)
         ov = dict(p.overrides)
-        assert ov["seed"] == p.seed and ov["train.steps"] == p.budget * DEFAULTS["train"]["steps"]
+        assert ov["seed"] == p.seed and ov["train.steps"] == p.budget * arms.UNIT_STEPS
         validate(_raw(p))  # every override is a real key with a valid value
     with pytest.raises(ParamsError):  # ...and validate does reject a bad one
         validate({"surge": {"gradual_every": 0}})
