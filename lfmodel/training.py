@@ -97,8 +97,9 @@ class Trainer:
 
         self.train_x, self.train_y = there(train, "inputs"), there(train, "targets")
         self.val_x, self.val_y = there(val, "inputs"), there(val, "targets")
-        # fused Adam: one kernel for all parameters, stepped directly (lfmodel.optim; Adam alone
-        # 3.0 -> 0.2 ms per step on the default model); the same update up to float rounding
+        # fused Adam: one kernel for all parameters, stepped directly (lfmodel.optim; on the
+        # default model 1.74 ms torch's default, 0.41 fused, 0.19 here: bench/optim_step.py);
+        # the same update as the default up to float rounding, as fused=True bit for bit
         self.params = list(model.parameters())
         self.optimizer = Adam(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.masks = MaskSet(model, self.optimizer)
@@ -170,7 +171,7 @@ class Trainer:
             self.masks.mask_grads()
             if cfg.grad_clip:
                 # torch's foreach clipping bit for bit, in a few multi-tensor ops instead of
-                # three per parameter (0.63 -> 0.21 ms alone on the default model)
+                # three per parameter (0.34 ms per parameter, 0.29 foreach, 0.21 here)
                 clip_grad_norm_(self.params, cfg.grad_clip)
             self.current_lr = self.lr_at(step)
             for group in self.optimizer.param_groups:
