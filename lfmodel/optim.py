@@ -4,13 +4,13 @@ torch.optim.Adam(fused=True) and nn.utils.clip_grad_norm_(foreach=True) spend mo
 per-call bookkeeping than on the update itself for a model of small tensors: grouping by device
 and dtype, per-parameter checks, and a step counter per parameter, incremented one by one. Here
 the same kernels are called directly (bench/optim_step.py on the default model: Adam 0.41 ->
-0.19 ms, clipping 0.29 -> 0.21 ms, of a ~30 ms step at 1 thread). tests/test_optim.py holds them to torch's
-numbers, bit for bit.
+0.19 ms, clipping 0.29 -> 0.21 ms, of a ~30 ms step at 1 thread). tests/test_optim.py holds
+them to torch's numbers, bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ class Adam(torch.optim.Adam):
         super().__init__(params, lr=lr, weight_decay=weight_decay, fused=True)
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         states = self._direct_states() if closure is None else None
         if states is None:  # torch's step increments each counter: unshare them first
             for state in self.state.values():
