@@ -51,7 +51,8 @@ class Adam(torch.optim.Adam):
         if len(self.param_groups) != 1:
             return None
         group = self.param_groups[0]
-        if group["amsgrad"] or group["maximize"] or group["decoupled_weight_decay"]:
+        # .get: the torch versions pyproject admits from 2.4 on do not all have this key
+        if group["amsgrad"] or group["maximize"] or group.get("decoupled_weight_decay"):
             return None
         states = [self.state.get(p) for p in group["params"]]
         if not all(states) or any(p.grad is None for p in group["params"]):
