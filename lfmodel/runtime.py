@@ -3,12 +3,16 @@
 Threads. On a small model, torch's intra-op threads spin while they wait for work; two runs
 with 2 threads each on 2 cores stall each other (measured: a 74 s train took over 8 minutes
 beside another). `train.threads: 0` (the default) therefore picks the count when the run
-starts: the usable cores divided by the number of lfmodel trainings running on this machine
-(this one included), at least 1. A lone `dvc repro` gets every core; two queued experiments
-(`dvc queue start -j 2`) get one core each. The count is chosen once and never changes during
-a run, and the train stage records it (MLflow tag `lfmodel.threads_used`): the same params on
-the same device and thread count give the same numbers, so set `train.threads` explicitly to
-reproduce a run bit for bit on a busy machine.
+starts: the usable cores divided by the number of trainings running on this machine (this one
+included), at least 1. A training is a train stage, or a queued DVC experiment in flight (`dvc
+exp exec-run`, one per busy queue worker) from its first stage to its last: the experiment
+beside this one may be between its train and its evaluate, and its worker starts the next
+experiment's train seconds later (counting train stages alone, one of four queued experiments
+chose 2 threads that way and stalled beside another: bench/dvc_queue.py). A lone `dvc repro`
+gets every core; two queued experiments (`dvc queue start -j 2`) get one core each. The count
+is chosen once and never changes during a run, and the train stage records it (MLflow tag
+`lfmodel.threads_used`): the same params on the same device and thread count give the same
+numbers, so set `train.threads` explicitly to reproduce a run bit for bit on a busy machine.
 
 Device. `auto` is cuda when torch sees a GPU, else cpu. On cuda, determinism needs cuBLAS's
 fixed workspace (CUBLAS_WORKSPACE_CONFIG, set before CUDA starts) and
@@ -27,6 +31,7 @@ import torch
 from lfmodel.config import ParamsError, step_floats_per_token
 
 TRAIN_MODULE = "stages.train"
+QUEUED_RUN = ("exp", "exec-run")  # how a DVC queue worker runs one experiment: `dvc exp exec-run`
 
 
 def usable_cores() -> int:
@@ -37,17 +42,32 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _runs(cmd: list[str], args: tuple[str, ...]) -> bool:
+    return any(tuple(cmd[i:i + len(args)]) == args for i in range(len(cmd)))
+
+
 def running_trainings() -> int:
-    """lfmodel train stages alive on this machine (python -m stages.train), this one included."""
-    me, count = os.getpid(), 1
+    """Trainings on this machine, this process included: queued DVC experiments in flight (`dvc
+    exp exec-run`, whatever stage they are in) plus train stages (python -m stages.train)
+    outside them."""
+    me = psutil.Process()
+    queued, trains = set(), [me]
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             cmd = proc.info["cmdline"] or []
         except (psutil.Error, KeyError):
             continue
-        if proc.info["pid"] != me and "-m" in cmd and TRAIN_MODULE in cmd:
-            count += 1
-    return count
+        if _runs(cmd, QUEUED_RUN):
+            queued.add(proc.info["pid"])
+        elif proc.info["pid"] != me.pid and _runs(cmd, ("-m", TRAIN_MODULE)):
+            trains.append(proc)
+    alone = 0
+    for proc in trains:
+        try:
+            alone += not any(p.pid in queued for p in proc.parents())
+        except psutil.Error:  # ended meanwhile
+            continue
+    return max(1, len(queued) + alone)
 
 
 def choose_threads(requested: int) -> int:

@@ -6,6 +6,8 @@ The thread rule is tested against real processes: dummy `python -m stages.train`
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -43,6 +45,33 @@ def test_auto_threads_share_the_cores_among_running_trainings(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+    assert runtime.running_trainings() == before
+
+
+def test_a_queued_experiment_counts_once_in_any_stage(tmp_path):
+    """A DVC queue runs each experiment as `dvc exp exec-run`: one in flight is one training,
+    with its train stage inside it or between stages (trace, evaluate, the next prepare)."""
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "train.py").write_text("import time\ntime.sleep(60)\n")
+    spawn = ("import subprocess, sys, time\n"
+             "if sys.argv[-1] == 'train':\n"
+             "    subprocess.Popen([sys.executable, '-m', 'stages.train'])\n"
+             "time.sleep(60)\n")
+    before = runtime.running_trainings()
+    procs = [subprocess.Popen([sys.executable, "-c", spawn, "exp", "exec-run", stage],
+                              cwd=tmp_path, start_new_session=True)
+             for stage in ("train", "evaluate")]
+    procs.append(subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=tmp_path))
+    try:
+        time.sleep(1.0)
+        assert runtime.running_trainings() == before + 3  # two experiments, one lone train
+    finally:
+        for p in procs[:2]:  # the exec-runs' process groups: their train stages too
+            os.killpg(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.kill()
+            p.wait()
+    time.sleep(0.2)
     assert runtime.running_trainings() == before
 
 
