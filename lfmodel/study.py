@@ -41,6 +41,7 @@ from lfmodel import arms, report
 from lfmodel.config import DEFAULTS, ParamsError, load_params
 from lfmodel.entropy import regularized_loss
 from lfmodel.models import build_model
+from lfmodel.optim import Adam, clip_grad_norm_
 from lfmodel.sweep import (
     PARENT_ROLE,
     Grid,
@@ -70,15 +71,17 @@ class StudyError(RuntimeError):
 
 def calibrate(batch_size: int, steps: int = CALIB_STEPS) -> float:
     """Process-CPU seconds per training step (forward with gates, task + entropy loss, backward,
-    clip, Adam) of the default model at `batch_size`, one torch thread, after CALIB_WARMUP
-    steps. CPU, not wall: a shared machine inflates wall time, the cost model counts CPU."""
+    clip, Adam: the Trainer's, lfmodel.optim) of the default model at `batch_size`, one torch
+    thread, after CALIB_WARMUP steps. CPU, not wall: a shared machine inflates wall time, the
+    cost model counts CPU."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         t, d = DEFAULTS["train"], DEFAULTS["data"]
         gen = torch.Generator().manual_seed(0)
         model = build_model(DEFAULTS["model"], d["vocab_size"])
-        opt = torch.optim.Adam(model.parameters(), lr=t["lr"])
+        params = list(model.parameters())
+        opt = Adam(params, lr=t["lr"], weight_decay=t["weight_decay"])
         x = torch.randint(0, d["vocab_size"], (batch_size, d["seq_len"] + 1), generator=gen)
         for i in range(CALIB_WARMUP + steps):
             if i == CALIB_WARMUP:
@@ -88,7 +91,7 @@ def calibrate(batch_size: int, steps: int = CALIB_STEPS) -> float:
                                        DEFAULTS["lambda_entropy"], t["lambda_balance"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+            clip_grad_norm_(params, t["grad_clip"])
             opt.step()
         return (time.process_time() - t0) / steps
     finally:
