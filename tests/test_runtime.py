@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 
@@ -63,7 +64,10 @@ def test_a_queued_experiment_counts_once_in_any_stage(tmp_path):
              for stage in ("train", "evaluate")]
     procs.append(subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=tmp_path))
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30  # until the first exec-run's train stage has started
+        while not psutil.Process(procs[0].pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
         assert runtime.running_trainings() == before + 3  # two experiments, one lone train
     finally:
         for p in procs[:2]:  # the exec-runs' process groups: their train stages too
