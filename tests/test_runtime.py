@@ -1,7 +1,8 @@
 """Device and thread choice (lfmodel.runtime) and the training state's device plumbing.
 
 The thread rule is tested against real processes: dummy `python -m stages.train` processes
-(a stages/train.py that only sleeps) are what a running training looks like to the rule.
+(a stages/train.py that only sleeps) and dummy `... exp exec-run ...` processes (a queued DVC
+experiment in flight) are what running trainings look like to the rule.
 """
 
 from __future__ import annotations
