@@ -43,7 +43,7 @@ lint: setup
 ui: setup  ## MLflow UI on 127.0.0.1:5000 against the store the stages use
 	$(BIN)/lfmodel ui --port 5000
 
-bench: setup  ## benchmarks: one JSON line each
+bench: setup-cluster  ## benchmarks: one JSON line each (sweep_scaling needs Ray and PostgreSQL)
 	@for b in bench/[!_]*.py; do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$b || exit 1; done
 
 study: setup  ## the study grid as a local lfmodel sweep, then reports/study/

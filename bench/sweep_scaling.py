@@ -81,13 +81,17 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def wait_for(pred, what: str, seconds: float = 180) -> None:
+def wait_for(pred, what: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
+    """Until pred() holds; stops at once, with the last line of its log, if proc has exited."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         if pred():
             return
+        if proc.poll() is not None:
+            lines = log.read_text().strip().splitlines() or ["(no output)"]
+            raise SystemExit(f"sweep_scaling: {what} exited ({proc.returncode}): {lines[-1]}")
         time.sleep(1)
-    raise SystemExit(f"sweep_scaling: {what} not ready after {seconds:.0f} s")
+    raise SystemExit(f"sweep_scaling: {what} not ready after {seconds:.0f} s (log: {log})")
 
 
 def cpus(address: str) -> str:
@@ -113,18 +117,19 @@ def main() -> None:
         procs.append(start([str(BIN / "lfmodel"), "server", "--data", str(tmp / "srv"), "--port",
                             str(port)], tmp / "server.log"))
         uri = f"http://127.0.0.1:{port}"
-        wait_for(lambda: (tmp / "srv" / "server.json").exists(), "lfmodel server")
+        wait_for(lambda: (tmp / "srv" / "server.json").exists(), "lfmodel server", procs[-1],
+                 tmp / "server.log")
         address = f"127.0.0.1:{ray_port}"
         common = ["--block", "--num-cpus", "1", "--object-store-memory", "80000000",
                   "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
         procs.append(start([str(BIN / "ray"), "start", "--head", "--port", str(ray_port),
                             "--include-dashboard", "false", "--temp-dir", f"/tmp/ray_b_{ray_port}",
                             *common], tmp / "head.log"))
-        wait_for(lambda: "/1.0 CPU" in cpus(address), "Ray head")
+        wait_for(lambda: "/1.0 CPU" in cpus(address), "Ray head", procs[-1], tmp / "head.log")
         one = sweep(repo, uri, address, "one", points)
         procs.append(start([str(BIN / "ray"), "start", "--address", address, *common],
                            tmp / "worker.log"))
-        wait_for(lambda: "/2.0 CPU" in cpus(address), "Ray worker")
+        wait_for(lambda: "/2.0 CPU" in cpus(address), "Ray worker", procs[-1], tmp / "worker.log")
         two = sweep(repo, uri, address, "two", points)
         print(json.dumps({"bench": "sweep_scaling", "points": points,
                           "exp_per_min_1node": round(one, 3), "exp_per_min_2nodes": round(two, 3),
