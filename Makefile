@@ -3,20 +3,23 @@ PY      ?= python3.11
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# Every installed package at the version `make test` last passed with (make lock rewrites it): a
+# release on PyPI cannot change what a fresh clone installs, its tests or its numbers.
+PIP     := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: setup setup-cluster run test lint ui bench study clean
+.PHONY: setup setup-cluster run test lint ui bench study lock clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or: make PY=python3)"; exit 1; }
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(PIP) --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[test]'
 	@touch $(STAMP)
 
 $(VENV)/.cluster: $(STAMP)
-	$(BIN)/pip install -q -e '.[test,cluster]'
+	$(PIP) -e '.[test,cluster]'
 	@touch $(VENV)/.cluster
 
 setup: $(STAMP)  ## create .venv and install lfmodel with test extras
@@ -48,6 +51,16 @@ bench: setup-cluster  ## benchmarks: one JSON line each (sweep_scaling needs Ray
 
 study: setup  ## the study grid as a local lfmodel sweep, then reports/study/
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/lfmodel study
+
+lock:  ## re-resolve every dependency at its newest into constraints.txt; then make test, and commit both
+	rm -rf .venv-lock
+	$(PY) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q -e '.[test,cluster]'
+	{ echo "# pip constraints: what make installs (make lock wrote this; local labels such as +cpu dropped)"; \
+	  .venv-lock/bin/pip freeze --all --exclude-editable | sed -E 's/\+[^+]*$$//'; } > constraints.txt
+	rm -rf .venv-lock
+	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) packages; now: make test"
 
 clean:
 	rm -rf data/prepared data/model data/checkpoints reports/train reports/traces reports/figures
