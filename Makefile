@@ -57,8 +57,9 @@ lock:  ## re-resolve every dependency at its newest into constraints.txt; then m
 	$(PY) -m venv .venv-lock
 	.venv-lock/bin/pip install -q --upgrade pip
 	.venv-lock/bin/pip install -q -e '.[test,cluster]'
+	.venv-lock/bin/pip freeze --all --exclude-editable > .venv-lock/freeze.txt
 	{ echo "# pip constraints: what make installs (make lock wrote this; local labels such as +cpu dropped)"; \
-	  .venv-lock/bin/pip freeze --all --exclude-editable | sed -E 's/\+[^+]*$$//'; } > constraints.txt
+	  sed -E 's/\+[^+]*$$//' .venv-lock/freeze.txt; } > constraints.txt
 	rm -rf .venv-lock
 	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) packages; now: make test"
 
