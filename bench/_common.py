@@ -12,9 +12,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# torch's own kernels, MKL's and oneDNN's: each caps its instruction set by its own variable
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+
 
 def machine(torch_threads: bool = True) -> dict:
-    """CPU model, cores, torch version (and intra-op threads), 1-minute load average."""
+    """CPU model, cores, torch version, the instruction set its kernels use (and intra-op
+    threads), 1-minute load average. The instruction set moves the matmul rate 2x (AVX2 against
+    AVX-512), so a share of it is only comparable on the same one; variables that cap it
+    (`ISA_ENV`) are recorded where set."""
     import torch
 
     cpu = platform.machine()
@@ -23,7 +29,11 @@ def machine(torch_threads: bool = True) -> dict:
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    out = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__}
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    capped = {k: os.environ[k] for k in ISA_ENV if k in os.environ}
+    if capped:
+        out["isa_env"] = capped
     if torch_threads:
         out["torch_threads"] = torch.get_num_threads()
     out["load_avg_1m"] = round(os.getloadavg()[0], 2)
