@@ -293,15 +293,28 @@ def _header(runs: pd.DataFrame, wall_s: float | None, cpu_s: float | None) -> st
             + (f"; {', '.join(cost)}" if cost else "") + ".\n")
 
 
-def _interval(values: np.ndarray, n_resamples: int) -> tuple[float, float]:
+def _interval(values: np.ndarray, n_resamples: int) -> tuple[float, float, bool]:
+    """(low, high, is_bootstrap): the 95 % bootstrap interval of the mean where it is bounded,
+    else the seeds' range. Under MIN_PAIRS seeds it is undefined, and at 3 the studentized one
+    is infinite (1 resample in 9 draws one seed three times: se* = 0); from 4 seeds on it is
+    finite. matplotlib cannot draw an infinite band or bar: such a band showed nothing."""
     b = paired_bootstrap(values, n_resamples)
-    return (b.low, b.high) if not math.isnan(b.low) else (float(values.min()),
-                                                          float(values.max()))
+    if math.isfinite(b.low) and math.isfinite(b.high):
+        return b.low, b.high, True
+    return float(values.min()), float(values.max()), False
+
+
+def _label(arm: str, bootstrap: bool) -> str:
+    return arm if bootstrap else f"{arm} *"
+
+
+RANGE_NOTE = "* the seeds' range where there are under 4 seeds (no bounded 95 % interval)"
 
 
 def figures(runs: pd.DataFrame, out: Path, n_resamples: int) -> None:
-    """excess_loss.png (per arm vs target sparsity, 95 % bootstrap interval of the mean, 1x
-    beside 4x; dense as a band; the bare controller at its reached sparsity) and lambda.png."""
+    """excess_loss.png (per arm vs target sparsity, 95 % bootstrap interval of the mean, or the
+    seeds' range where it is unbounded, marked * in the legend; 1x beside 4x; dense as a band;
+    the bare controller at its reached sparsity) and lambda.png."""
     main = main_runs(runs)
     budgets = sorted(main["budget"].unique())
     fig, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 4), sharey=True,
@@ -313,8 +326,8 @@ def figures(runs: pd.DataFrame, out: Path, n_resamples: int) -> None:
         for arm, g in sub.groupby("arm"):
             shift = 0.004 * (arms_here.index(arm) - len(arms_here) / 2) if arm != "dense" else 0
             if arm == "dense":
-                lo, hi = _interval(g[METRIC].to_numpy(float), n_resamples)
-                ax.axhspan(lo, hi, color="grey", alpha=0.3, label="dense")
+                lo, hi, boot = _interval(g[METRIC].to_numpy(float), n_resamples)
+                ax.axhspan(lo, hi, color="grey", alpha=0.3, label=_label("dense", boot))
                 continue
             if arm == "adaptive_bare":
                 x = np.array([g["sparsity"].mean()])
@@ -324,14 +337,17 @@ def figures(runs: pd.DataFrame, out: Path, n_resamples: int) -> None:
                 x = np.array(xs)
                 pts = [g[g["target_sparsity"] == s][METRIC].to_numpy(float) for s in xs]
             means = np.array([p.mean() for p in pts])
-            iv = np.array([_interval(p, n_resamples) for p in pts]).reshape(-1, 2)
+            iv = np.array([_interval(p, n_resamples) for p in pts]).reshape(-1, 3)
             ax.errorbar(x + shift, means, yerr=[means - iv[:, 0], iv[:, 1] - means], marker="o",
-                        capsize=3, label=arm, color=color[arm])  # one color per arm, every panel
+                        capsize=3, label=_label(arm, iv[:, 2].all()),
+                        color=color[arm])  # one color per arm, every panel
         ax.set_title(f"budget {b}x")
         ax.legend(fontsize=7)
         ax.set_xlabel("target sparsity (bare controller: reached; arms side by side)")
         ax.set_xticks(list(SPARSITIES))
     axes[0][0].set_ylabel("excess loss (test - bayes, nats)")
+    if any(t.get_text().endswith(" *") for ax in axes[0] for t in ax.get_legend().get_texts()):
+        fig.supxlabel(RANGE_NOTE, fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "excess_loss.png", dpi=110)
     plt.close(fig)

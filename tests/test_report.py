@@ -1,5 +1,7 @@
 """The study report (lfmodel.report) on synthetic run tables with planted, known answers."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -178,3 +180,26 @@ def test_bad_table_writes_nothing(tmp_path):
     dup = pd.concat([synthetic_runs()] * 2, ignore_index=True)
     with pytest.raises(ValueError, match="several runs for one design point"):
         report.build_report(dup, out=tmp_path / "s")
+
+
+@pytest.mark.parametrize("n_seeds", [3, 4])
+def test_figure_intervals_finite_and_named(n_seeds, tmp_path, monkeypatch):
+    """At 3 seeds the studentized interval is infinite, and an infinite band drew nothing (with
+    matplotlib's NaN warnings): the figure shows the seeds' range there and says so."""
+    runs = synthetic_runs()
+    runs = runs[runs["seed"] < n_seeds]
+    lo, hi, boot = report._interval(np.array([0.2, 0.3, 0.7]), 2000)
+    assert (lo, hi, boot) == (0.2, 0.7, False)
+    figs = []
+    monkeypatch.setattr(report.plt, "close", figs.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns on a non-finite band or bar
+        report.figures(runs, tmp_path, 2000)
+    labels = {t.get_text() for ax in figs[0].axes for t in ax.get_legend().get_texts()}
+    ranged = {lab for lab in labels if lab.endswith(" *")}
+    assert "dense" in {lab.removesuffix(" *") for lab in labels}
+    assert (ranged == labels) if n_seeds == 3 else not ranged
+    note = figs[0].get_supxlabel()
+    assert note == (report.RANGE_NOTE if n_seeds == 3 else "")
+    for ax in figs[0].axes:
+        assert np.isfinite(ax.get_ylim()).all()
