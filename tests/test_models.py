@@ -13,6 +13,7 @@ import torch
 from lfmodel.config import DEFAULTS
 from lfmodel.models import AdaptiveLinear, AutoRegressiveModel, LFModel, build_model, groups, prunable, weight
 from lfmodel.models.lfm import DecayKernel, TokenMixing, per_expert_state
+from lfmodel.optim import Adam
 
 V = 11          # vocabulary
 B, S = 3, 9     # B != S, B > 1
@@ -287,6 +288,22 @@ def test_token_mixing_kernel_cache_follows_the_parameters():
         new.load_state_dict(pair(V, SIZES[0], seed=1)[0].state_dict())
         ref.load_state_dict(per_expert_state(new.state_dict()))
         torch.testing.assert_close(new(x), ref(x), rtol=1e-5, atol=1e-5)
+    # the project's Adam (fused) and a write through .data change decay_logit without bumping
+    # its version counter; an eval forward between backward and step cached the old kernel
+    opt = Adam(new.parameters(), lr=0.05, weight_decay=0.0)
+    for change in ("adam", "adam", "data"):  # torch's first step, then the direct one
+        new.train()
+        new(x).sum().backward()
+        new.eval()
+        with torch.no_grad():
+            new(x)
+            if change == "adam":
+                opt.step()
+            else:
+                tm.decay_logit.data.add_(0.5)
+            ref.load_state_dict(per_expert_state(new.state_dict()))
+            torch.testing.assert_close(new(x), ref(x), rtol=1e-5, atol=1e-5, msg=change)
+        opt.zero_grad()
 
 
 def test_decay_kernel_gradient_in_closed_form():
@@ -294,6 +311,8 @@ def test_decay_kernel_gradient_in_closed_form():
     float64, with decays from fast to slow."""
     p = torch.linspace(-3.0, 5.0, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q: DecayKernel.apply(q, 9), (p,))
+    # a gradient arriving transposed (not contiguous) is read as well
+    assert torch.autograd.gradcheck(lambda q: DecayKernel.apply(q, 9).transpose(1, 2), (p,))
 
 
 def test_token_mixing_kernel_has_no_subnormal_entries():

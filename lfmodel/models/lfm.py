@@ -65,7 +65,7 @@ class DecayKernel(torch.autograd.Function):
     def backward(ctx, grad_k: Tensor) -> tuple[Tensor, None]:
         p, k = ctx.saved_tensors
         s = k.shape[-1]
-        g = torch.mul(grad_k, k).view(p.shape[0], -1)  # G, [d, S*S]
+        g = torch.mul(grad_k, k).reshape(p.shape[0], -1)  # G, [d, S*S]
         pos = torch.arange(s, device=p.device, dtype=p.dtype)
         gl = torch.mv(g, (pos - pos[:, None]).view(-1))  # sum G l (K, so G, is 0 where l < 0)
         return gl - torch.sigmoid(p) * (gl + g.sum(-1)), None
@@ -79,20 +79,24 @@ class TokenMixing(Monitored):
         tau = torch.logspace(0, math.log10(128), d)  # time constants in steps
         lam = (1 - 1 / tau).clamp(1e-3, 1 - 1e-3)
         self.decay_logit = nn.Parameter(torch.log(lam / (1 - lam)))
-        self._kernel: tuple[tuple, Tensor] | None = None  # (key, [d, S, S]) when no graph is needed
+        self._kernel: tuple[Tensor, Tensor] | None = None  # (decay_logit, [d, S, S]) cached
 
     def kernel(self, s: int) -> Tensor:
         """decay_kernel(decay_logit, s). Without a graph (eval, trace, sampling) it is kept
-        until decay_logit changes (version counter: optimizer steps and load_state_dict bump
-        it); a shorter S reads the top-left corner of a longer kernel."""
+        while decay_logit holds the values it was built from (compared, d numbers: fused Adam
+        and writes through .data change a parameter without bumping its version counter); a
+        shorter S reads the top-left corner of a longer kernel. Not kept on the meta device,
+        which has no values to compare."""
         p = self.decay_logit
         if torch.is_grad_enabled() and p.requires_grad:
             self._kernel = None
             return DecayKernel.apply(p, s)
-        key = (p._version, p.data_ptr(), p.dtype, p.device)
-        if not (self._kernel and self._kernel[0] == key and self._kernel[1].shape[1] >= s):
-            self._kernel = (key, decay_kernel(p.detach(), s))
-        return self._kernel[1][:, :s, :s]
+        cached = self._kernel
+        if not (cached and cached[1].shape[1] >= s and cached[0].dtype == p.dtype
+                and cached[0].device == p.device and p.device.type != "meta"
+                and torch.equal(cached[0], p)):
+            cached = self._kernel = (p.detach().clone(), decay_kernel(p.detach(), s))
+        return cached[1][:, :s, :s]
 
     def forward(self, x: Tensor, s: int) -> tuple[Tensor, Tensor]:
         """x: [B*S, d], sequences of length s one after another. Channels first, [d, B, S], so
