@@ -267,8 +267,9 @@ def _paired(df: pd.DataFrame, arm_col: str, arm: str, metric: str,
 
 def seed_spread(df: pd.DataFrame, metric: str, by: Sequence[str]) -> pd.DataFrame:
     """Seed-to-seed spread of a final metric per arm: n, mean, std (ddof 1) and range
-    (max - min). A method that stabilizes training lands in a narrower band across seeds."""
-    g = df.dropna(subset=[metric]).groupby(list(by))[metric]
+    (max - min). A method that stabilizes training lands in a narrower band across seeds.
+    A NaN in a `by` column is a group of its own (dense arms have no target sparsity)."""
+    g = df.dropna(subset=[metric]).groupby(list(by), dropna=False)[metric]
     out = g.agg(n="count", mean="mean", std="std", min="min", max="max")
     out["range"] = out["max"] - out["min"]
     return out.drop(columns=["min", "max"]).reset_index()

@@ -144,6 +144,18 @@ def test_seed_spread():
     assert list(out["n"]) == [3, 2]
 
 
+def test_seed_spread_keeps_arms_without_a_target_sparsity():
+    """Dense arms carry NaN as their target sparsity: they are a group of their own, not
+    dropped (stability.csv lacked dense and adaptive_bare)."""
+    df = pd.DataFrame({"arm": ["dense"] * 3 + ["static"] * 3,
+                       "target_sparsity": [np.nan] * 3 + [0.5] * 3,
+                       "x": [1.0, 2.0, 3.0, 4.0, 4.5, 6.0]})
+    out = seed_spread(df, "x", ["arm", "target_sparsity"]).set_index("arm")
+    assert list(out.index) == ["dense", "static"]
+    assert np.isnan(out.loc["dense", "target_sparsity"])
+    assert out.loc["dense", "n"] == 3 and out.loc["dense", "range"] == 2.0
+
+
 def test_loss_spikes_finds_planted_spikes():
     rng = np.random.default_rng(3)
     steps = np.arange(2000)
