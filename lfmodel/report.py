@@ -295,9 +295,10 @@ def _header(runs: pd.DataFrame, wall_s: float | None, cpu_s: float | None) -> st
 
 def _interval(values: np.ndarray, n_resamples: int) -> tuple[float, float, bool]:
     """(low, high, is_bootstrap): the 95 % bootstrap interval of the mean where it is bounded,
-    else the seeds' range. Under MIN_PAIRS seeds it is undefined, and at 3 the studentized one
-    is infinite (1 resample in 9 draws one seed three times: se* = 0); from 4 seeds on it is
-    finite. matplotlib cannot draw an infinite band or bar: such a band showed nothing."""
+    else the seeds' range. Under MIN_PAIRS seeds it is undefined; the studentized one is
+    infinite where too many resamples have se* = 0: at 3 seeds (1 resample in 9 draws one seed
+    three times), and at any count where seeds tie. matplotlib cannot draw an infinite band or
+    bar: such a band showed nothing."""
     b = paired_bootstrap(values, n_resamples)
     if math.isfinite(b.low) and math.isfinite(b.high):
         return b.low, b.high, True
@@ -308,7 +309,7 @@ def _label(arm: str, bootstrap: bool) -> str:
     return arm if bootstrap else f"{arm} *"
 
 
-RANGE_NOTE = "* the seeds' range where there are under 4 seeds (no bounded 95 % interval)"
+RANGE_NOTE = "* the seeds' range where the 95 % interval is unbounded (under 4 seeds, or tied seeds)"
 
 
 def figures(runs: pd.DataFrame, out: Path, n_resamples: int) -> None:

@@ -190,6 +190,8 @@ def test_figure_intervals_finite_and_named(n_seeds, tmp_path, monkeypatch):
     runs = runs[runs["seed"] < n_seeds]
     lo, hi, boot = report._interval(np.array([0.2, 0.3, 0.7]), 2000)
     assert (lo, hi, boot) == (0.2, 0.7, False)
+    # 5 seeds, 3 tied: 7.8 % of resamples draw only the tie (se* = 0), so it is unbounded too
+    assert report._interval(np.array([0.2, 0.2, 0.2, 0.5, 0.6]), 2000) == (0.2, 0.6, False)
     figs = []
     monkeypatch.setattr(report.plt, "close", figs.append)
     with warnings.catch_warnings():
