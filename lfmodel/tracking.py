@@ -135,7 +135,7 @@ def ui_command(host: str, port: int) -> list[str]:
 
 
 def _is_default_store(uri: str) -> bool:
-    return uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ
+    return uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def retry(fn: Callable[[], Any], attempts: int = 12, delay: float = 0.2) -> Any:

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from conftest import BIN, make_repo, run
 
+from lfmodel import tracking
 from lfmodel.tracking import file_hash
 
 EXPERIMENT = "entropy-dynamics"
@@ -564,3 +565,17 @@ def test_dataset_logged_by_a_concurrent_run_is_linked_not_fatal(tmp_path):
     client.log_inputs = lost_race("something else")
     with pytest.raises(MlflowException, match="something else"):
         log_dataset(client, other, data)
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_empty_tracking_uri_is_the_default_store(value, tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI set but empty means unset, in both readings of it: the default
+    SQLite store with its artifact root (not artifacts in the working directory, which a
+    queued experiment's temporary copy loses)."""
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    if value is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
+    root = tmp_path.resolve()
+    assert tracking.store() == (f"sqlite:///{root / 'mlflow.db'}", root / "mlartifacts")
