@@ -56,6 +56,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -397,10 +398,41 @@ def _run_exists(client: Any, run_id: str) -> bool:
         raise
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _settle_orphans(client: Any, exp_id: str, name: str, new_run_id: str) -> None:
+    """Mark KILLED the RUNNING runs of this name whose stage process on this host is gone: a
+    stage killed with SIGKILL (or a lost machine) before a checkpoint let the rerun resume its
+    run. MLflow cannot learn that a process died, and the UI would show them running forever.
+    A run of another host, or whose process is alive, is left alone."""
+    if "'" in name:
+        return
+    host = socket.gethostname()
+    found = retry(lambda: client.search_runs(
+        [exp_id], f"attributes.status = 'RUNNING' and tags.`mlflow.runName` = '{name}'"))
+    for r in found:
+        pid = r.data.tags.get("lfmodel.pid", "")
+        if (r.info.run_id == new_run_id or r.data.tags.get("lfmodel.host") != host
+                or not pid.isdigit() or _pid_alive(int(pid))):
+            continue
+        retry(lambda r=r, pid=pid: client.set_tag(
+            r.info.run_id, "lfmodel.orphaned", f"process {pid} gone; rerun as {new_run_id}"))
+        retry(lambda r=r: client.set_terminated(r.info.run_id, "KILLED"))
+
+
 def _new_run(client: Any, exp_id: str, stage: str, params: dict,
              extra_tags: dict[str, str] | None = None) -> Tracker:
     tags = {**run_tags(), **(extra_tags or {})}
     run = retry(lambda: client.create_run(exp_id, run_name=run_name(tags), tags=tags))
+    _settle_orphans(client, exp_id, run_name(tags), run.info.run_id)
     tracker = Tracker(client, run.info.run_id, stage)
     tracker.log_params(params)
     log_dataset(client, run.info.run_id)
@@ -474,7 +506,9 @@ def stage_run(stage: str, params: dict, run_id: str | None = None) -> Iterator[T
     else:
         tracker = Tracker(client, run_id, stage)
         tracker.set_status("RUNNING")
-    tracker.set_tags({f"dvc.stage.{stage}": "running"})
+    # the process that holds the run RUNNING: a rerun settles it if that process is gone
+    tracker.set_tags({f"dvc.stage.{stage}": "running", "lfmodel.host": socket.gethostname(),
+                      "lfmodel.pid": str(os.getpid())})
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         yield tracker

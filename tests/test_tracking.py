@@ -579,3 +579,48 @@ def test_empty_tracking_uri_is_the_default_store(value, tmp_path, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", value)
     root = tmp_path.resolve()
     assert tracking.store() == (f"sqlite:///{root / 'mlflow.db'}", root / "mlartifacts")
+
+
+ORPHAN_STAGE = """
+import sys, time
+from lfmodel.config import load_params
+from lfmodel.tracking import stage_run
+with stage_run("train", load_params()) as t:
+    print(t.run_id, flush=True)
+    if sys.argv[1] == "hang":
+        time.sleep(600)
+"""
+
+
+def test_rerun_settles_a_run_whose_process_was_killed(tmp_path):
+    """A train killed with SIGKILL before its first checkpoint cannot mark its run; the rerun
+    (a new run of the same name) marks it KILLED, and leaves a live process's run alone."""
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "params.yaml", tmp_path / "params.yaml")
+    env = {**os.environ, "DVC_ROOT": str(tmp_path), "PYTHONPATH": str(repo), **ENV}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DVC_EXP_NAME", None)
+    cmd = [str(BIN / "python"), "-c", ORPHAN_STAGE]
+
+    def start() -> tuple[subprocess.Popen, str]:
+        proc = subprocess.Popen([*cmd, "hang"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                text=True)
+        return proc, proc.stdout.readline().strip()
+
+    killed, killed_id = start()
+    alive, alive_id = start()
+    try:
+        killed.kill()
+        killed.wait()
+        rerun = subprocess.run([*cmd, "once"], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, check=True)
+        client = client_for(store_uri(tmp_path.resolve()))
+        old = client.get_run(killed_id)
+        assert old.info.status == "KILLED"
+        assert old.data.tags["lfmodel.orphaned"] == (
+            f"process {killed.pid} gone; rerun as {rerun.stdout.strip()}")
+        assert client.get_run(alive_id).info.status == "RUNNING"
+        assert client.get_run(rerun.stdout.strip()).info.status == "FINISHED"
+    finally:
+        alive.kill()
+        alive.wait()
