@@ -104,7 +104,9 @@ class Interval(Schedule):
     """The seed's schedule: collapse to target every `collapse_every` steps, surge (revive
     `recovery` of the pruned entries) every `surge_every`. Never at step 0 (the seed pruned the
     random init). When both fire on one step, collapse runs first, then surge: the other order
-    would prune the freshly revived (small) weights at once, making surge a no-op."""
+    would prune the freshly revived (small) weights at once, making surge a no-op. No surge on
+    the last step: it would save revived weights that were never trained (with regrow `all`, a
+    dense model), so a run ends after its last collapse and the updates since."""
 
     mode = "interval"
 
