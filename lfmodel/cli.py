@@ -19,9 +19,20 @@ import time
 from pathlib import Path
 
 from lfmodel import server, study, sweep, tracking
+from lfmodel.config import ParamsError, load_params
+
+
+def _check_int(flag: str, value: int, low: int, high: int | None = None) -> None:
+    """argparse only checks for an int: -j 0 hung (DVC starts no worker) and a port outside
+    1-65535 ended in a traceback. So: SweepError (one line, exit 2) before anything starts."""
+    if value < low or (high is not None and value > high):
+        bound = f"at least {low}" if high is None else f"in {low}-{high}"
+        raise sweep.SweepError(f"{flag} must be {bound}, got {value}")
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    _check_int("-j/--jobs", args.jobs, 1)
+    load_params()  # the file the sweep reads (check_grid, run_*): missing or bad is one line
     axes = dict(sweep.parse_axis(s) for s in args.S)
     if args.seeds:
         axes["seed"] = sweep.parse_seeds(args.seeds)
@@ -41,11 +52,13 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _server(args: argparse.Namespace) -> int:
+    _check_int("--port", args.port, 1, 65535)
     server.serve(Path(args.data), port=args.port, db_uri=args.db_uri)
     return 0
 
 
 def _ui(args: argparse.Namespace) -> int:
+    _check_int("--port", args.port, 1, 65535)
     try:
         cmd = tracking.ui_command("127.0.0.1", args.port)
     except ValueError as err:  # a server URI: it has its own UI
@@ -92,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         code = args.fn(args)
-    except (sweep.SweepError, server.ServerError) as err:
+    except (sweep.SweepError, server.ServerError, ParamsError) as err:  # as study.main
         print(f"lfmodel {args.command}: {err}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ import difflib
 import functools
 import math
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -75,8 +76,11 @@ _POS = (0, None, False, True)
 _NONNEG = (0, None, True, True)
 _UNIT_OPEN = (0, 1, True, False)
 _UNIT = (0, 1, True, True)
+# np.random.seed takes [0, 2**32 - 1]; the one derived seed (sparsity.build_schedule's
+# seed + 1) goes to torch, which takes up to 2**64 - 1, so this bound covers it too.
+SEED_MAX = 2**32 - 1
 RANGES: dict[str, tuple] = {
-    "seed": _NONNEG,
+    "seed": (0, SEED_MAX, True, True),
     "data.seq_len": (2, None, True, True), "data.n_train": _POS, "data.n_val": _POS,
     "data.n_test": _POS, "data.vocab_size": (2, None, True, True),
     "data.num_regimes": (1, None, True, True), "data.switch_prob": _UNIT,
@@ -219,6 +223,9 @@ def validate(raw: dict | None, base_dir: str | os.PathLike = ".") -> dict:
     `prepare` reads it there, see `data_file`).
     """
     params = _check(raw or {}, DEFAULTS)
+    if not params["tracking"]["experiment"].strip():  # else MLflow refuses it in train
+        raise ParamsError("'tracking.experiment' must be a non-empty name, got "
+                          f"{params['tracking']['experiment']!r}")
     data = params["data"]
     if data["source"] in ("text", "series"):
         if not data["path"]:
@@ -249,15 +256,39 @@ def validate(raw: dict | None, base_dir: str | os.PathLike = ".") -> dict:
     return params
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `5e-05` and `1.0e5` (no dot, or no exponent sign) are
+    strings; DVC writes floats below 1e-4 that way (`-S train.lr=5e-05`). This loader reads
+    them as floats, as YAML 1.2 does; everything else is safe_load's."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load with YAML 1.2's exponent floats (_Loader): every params read uses it."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: safe
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's message on one line: the problem and where (its own spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> dict:
     """Read and validate params.yaml; relative data paths resolve against its folder."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {err}") from None
+        raise ParamsError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
     return validate(raw, base_dir=path.parent)
 
 

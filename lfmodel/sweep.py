@@ -41,9 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lfmodel.config import ParamsError, load_params, validate
+from lfmodel.config import ParamsError, load_params, load_yaml, validate
 from lfmodel.tracking import get_client, tracking_uri
 
 PARENT_ROLE = ("lfmodel.sweep.role", "parent")
@@ -62,7 +60,7 @@ def parse_axis(spec: str) -> tuple[str, list[Any]]:
     key = key.strip()
     if not sep or not key:
         raise SweepError(f"-S {spec!r}: expected KEY=V1,V2,...")
-    vals = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+    vals = [load_yaml(v) for v in values.split(",") if v.strip()]
     if not vals:
         raise SweepError(f"-S {spec!r}: empty grid (no values for {key})")
     return key, vals
@@ -201,7 +199,7 @@ def check_grid(grid: Grid | Points, sweep_id: str,
         raise SweepError(f"--name {sweep_id!r}: use letters, digits, '_' and '.' (a git ref part)")
     if not grid.axes or any(not v for v in grid.axes.values()):
         raise SweepError("empty grid: give at least one -S KEY=V1,V2 or --seeds")
-    raw = yaml.safe_load(params_path.read_text()) if params_path.is_file() else {}
+    raw = load_yaml(params_path.read_text()) if params_path.is_file() else {}
     names: dict[str, dict] = {}
     for point in grid.points():
         trial = json.loads(json.dumps(raw or {}))

@@ -17,11 +17,13 @@ import pytest
 import torch
 import yaml
 
+from lfmodel import cli, config, server, sweep
 from lfmodel.config import (
     CHOICES,
     DEFAULTS,
     ParamsError,
     load_params,
+    load_yaml,
     stage_main,
     step_floats_per_token,
     validate,
@@ -71,6 +73,12 @@ CASES = [
     ({"data": {"missing": "zero"}}, ["'data.missing'", "error, drop, interpolate"]),
     ({"train": {"device": "gpu"}}, ["'train.device'", "auto, cpu, cuda"]),
     ({"train": {"threads": -1}}, ["'train.threads'", "out of range [0, inf]"]),
+    # numpy's seed is 32-bit: 2**32 passed here and failed in train after prepare had run
+    ({"seed": 2**32}, ["'seed' = 4294967296 is out of range [0, 4294967295]"]),
+    ({"seed": -1}, ["'seed'", "out of range"]),
+    # MLflow refused it in train ("Invalid experiment name: ''")
+    ({"tracking": {"experiment": ""}}, ["'tracking.experiment'", "non-empty"]),
+    ({"tracking": {"experiment": "  "}}, ["'tracking.experiment'", "non-empty"]),
     ({"train": {"batch_size": 1_000_000_000}},
      ["'train.batch_size' = 1000000000 does not fit", "GiB", "the largest batch that could fit"]),
 ]
@@ -133,6 +141,7 @@ def test_valid_edges_pass():
     validate({"train": {"device": "cpu"}})
     validate({"surge": {"mode": "rigl", "start_fraction": 0.74}})
     validate({"surge": {"mode": "static", "start_fraction": 0.9}})  # no rigl_end_fraction there
+    validate({"seed": 2**32 - 1})  # numpy's largest; build_schedule's seed + 1 goes to torch
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
@@ -191,11 +200,98 @@ def test_yaml_off_is_caught_from_the_file(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
+def test_bad_yaml_is_one_line(tmp_path):
+    """PyYAML's own message spans five lines; the stage (and sweep) error is one."""
+    (tmp_path / "params.yaml").write_text("train: {steps: [1\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(info.value)
+    assert str(info.value).endswith(
+        "is not valid YAML: expected ',' or ']', but got '<stream end>' (line 2, column 1)")
+
+
+def test_exponent_floats_read_as_yaml_1_2(tmp_path):
+    """DVC writes `-S train.lr=5e-05` as `lr: 5e-05`, which YAML 1.1 (safe_load) reads as a
+    string and validation refused; load_yaml reads it as a float. The rest is safe_load's."""
+    (tmp_path / "params.yaml").write_text("train:\n  lr: 5e-05\n  cosine: off\n"
+                                          "  weight_decay: 1E3\n  grad_clip: .5e+1\n")
+    train = load_params(tmp_path / "params.yaml")["train"]
+    assert train["lr"] == 5e-05 and isinstance(train["lr"], float)
+    assert train["weight_decay"] == 1000.0 and train["grad_clip"] == 5.0
+    assert train["cosine"] is False  # YAML 1.1 booleans unchanged
+    assert load_yaml("a: off\nb: on\nc: 1e3\nd: '5e-05'\ne: 0x1f\nf: 1_000\ng: .inf") == {
+        "a": False, "b": True, "c": 1000.0, "d": "5e-05", "e": 31, "f": 1000, "g": float("inf")}
+    # an exponent is a float: an integer key refuses it (1.0e5 steps is not silently 100000)
+    for text in ("1.0e5", "1e5"):
+        (tmp_path / "params.yaml").write_text(f"train:\n  steps: {text}\n")
+        with pytest.raises(ParamsError, match=r"^'train.steps' must be an integer, got 100000.0$"):
+            load_params(tmp_path / "params.yaml")
+    assert sweep.parse_axis("train.lr=5e-05,1e-3") == ("train.lr", [5e-05, 0.001])
+    assert all(isinstance(v, float) for v in sweep.parse_axis("train.lr=5e-05,1e-3")[1])
+
+
+@pytest.fixture
+def cli_dir(tmp_path, monkeypatch):
+    """An empty working directory for `lfmodel` in-process; what would open the MLflow store,
+    queue, serve or open the UI is recorded instead of run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LFMODEL_PARAMS", raising=False)
+    started: list = []
+
+    def record(what: str, result=None):
+        return lambda *a, **k: started.append((what, *a)) or result
+
+    monkeypatch.setattr(sweep, "get_client", record("mlflow"))  # run_local fails after it
+    monkeypatch.setattr(sweep, "queue", record("queue"))
+    monkeypatch.setattr(server, "serve", record("server"))
+    monkeypatch.setattr(cli.subprocess, "call", record("ui", 0))
+    return tmp_path, started
+
+
+def _lfmodel(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    return info.value.code, capsys.readouterr().err
+
+
+def test_cli_bad_ints_are_one_line_before_anything_starts(cli_dir, capsys, monkeypatch):
+    """`lfmodel sweep -j 0` hung (DVC starts no queue worker); a port out of 1-65535 ended in a
+    traceback (server) or in mlflow's error (ui)."""
+    where, started = cli_dir
+    monkeypatch.setattr(sweep, "run_local", lambda *a: started.append(("sweep", *a)) or [])
+    (where / "params.yaml").write_text(yaml.safe_dump(DEFAULTS))
+    for argv, flag in [(["sweep", "-S", "seed=1,2", "-j", "0"], "-j/--jobs must be at least 1"),
+                       (["sweep", "-S", "seed=1,2", "-j", "-3"], "-j/--jobs must be at least 1"),
+                       (["server", "--data", "d", "--port", "70000"], "--port must be in 1-65535"),
+                       (["ui", "--port", "0"], "--port must be in 1-65535")]:
+        code, err = _lfmodel(argv, capsys)
+        assert (code, err.count("\n")) == (2, 1), (argv, code, err)
+        assert err.startswith(f"lfmodel {argv[0]}: {flag}, got "), err
+    assert started == []
+    assert _lfmodel(["sweep", "-S", "seed=1,2", "-j", "1"], capsys) == (0, "")
+    assert [s[0] for s in started] == ["sweep"] and started[0][3] == 1  # (id, grid, jobs)
+
+
+def test_cli_sweep_bad_params_file_is_one_line(cli_dir, capsys):
+    """A missing params.yaml (ParamsError from run_local) and bad YAML (yaml's own error from
+    check_grid) were tracebacks; now study.main's pattern: one line, exit 2, nothing queued."""
+    where, started = cli_dir
+    code, err = _lfmodel(["sweep", "-S", "seed=1,2"], capsys)
+    assert (code, err) == (2, "lfmodel sweep: params file not found: params.yaml\n")
+    (where / "params.yaml").write_text("train: {steps: [1\n")
+    code, err = _lfmodel(["sweep", "-S", "seed=1,2"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("lfmodel sweep: params.yaml is not valid YAML: expected ',' or ']'")
+    assert started == []
+
+
 @pytest.mark.parametrize("raw,expected", CASES[::4], ids=[str(c[0])[:40] for c in CASES[::4]])
 def test_stage_main_exits_2_before_the_body_runs(raw, expected, tmp_path, monkeypatch, capsys):
     raw = _materialize(raw, tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("LFMODEL_PARAMS", str(tmp_path / "params.yaml"))
+    # a body that runs ends in os._exit(0): that would end pytest itself, green
+    monkeypatch.setattr(config, "exit_fast", lambda code=0: sys.exit(code))
     called = []
     with pytest.raises(SystemExit) as info:
         stage_main(called.append)()
