@@ -345,8 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     try:
-        if args.minutes <= 0 or args.jobs <= 0:
-            raise StudyError("--minutes and --jobs must be positive")
+        if not (args.minutes > 0 and math.isfinite(args.minutes)) or args.jobs <= 0:  # nan, inf
+            raise StudyError("--minutes must be a positive number and --jobs positive")
         experiment = load_params()["tracking"]["experiment"]
         if not args.report_only:
             design = None

@@ -49,7 +49,7 @@ def test_old_flags_and_bad_input_one_line(capsys, tmp_path, monkeypatch):
     shutil.copy(ROOT / "params.yaml", tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for argv in (["--modes", "dense"], ["--seeds", "0", "1"], ["--minutes", "0"],
+    for argv in (["--modes", "dense"], ["--seeds", "0", "1"], ["--minutes", "0"], ["--minutes", "nan"],
                  ["--report-only", "--study-id", "nope"]):
         with pytest.raises(SystemExit) as e:
             study.main(argv)
