@@ -14,7 +14,9 @@ nor a power loss right after leaves a torn or vanished checkpoint.
     schedules' surge/regrow draws);
   * files that hooks wrote into a non-persisted output (the sparsity snapshots under
     reports/train/sparsity/, which DVC deletes before rerunning the stage) are mirrored next to
-    the checkpoint and put back on resume;
+    the checkpoint, in a folder named by its fingerprint, and put back on resume. Snapshots of
+    other params have the same names and sizes: a folder of their own keeps them from ever
+    being put back into this run;
   * the tracker is flushed before each save, so MLflow holds every metric up to the checkpoint
     even after a SIGKILL. Metrics logged between the last checkpoint and a kill are logged
     again (same steps, same values) by the resumed run. A flush that fails (the tracking server
@@ -23,6 +25,7 @@ nor a power loss right after leaves a torn or vanished checkpoint.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -147,7 +150,8 @@ class Checkpointer:
 
     The fingerprint (`fingerprint(params, data_hash)`) guards resume: a checkpoint from other params is
     ignored. `mirror` is a folder of files written during training into an output DVC deletes
-    before a rerun (named step_N.*; copied next to the checkpoint, restored on resume).
+    before a rerun (named step_N.*; copied next to the checkpoint into a folder of its
+    fingerprint, restored on resume).
     A checkpoint is only written while all weights are finite: it is always a "last good" one.
     The train stage removes the checkpoint when training completes.
     """
@@ -164,11 +168,25 @@ class Checkpointer:
         self.saved_step: int | None = None
 
     @property
-    def _mirror_copy(self) -> Path:
+    def _mirrors(self) -> Path:
         return self.dir / "mirror"
 
+    @property
+    def _mirror_copy(self) -> Path:
+        """This fingerprint's mirrored files: another run's, same names and sizes, live apart."""
+        return self._mirrors / self.fingerprint
+
     def load(self) -> dict | None:
-        """The checkpoint if it exists and matches the fingerprint, else None."""
+        """The checkpoint if it exists and matches the fingerprint, else None (a fresh start,
+        which drops this fingerprint's mirrored files: they belong to no checkpoint)."""
+        state = self._matching_state()
+        if state is None:
+            shutil.rmtree(self._mirror_copy, ignore_errors=True)
+            return None
+        self.saved_step = state["trainer"]["step"]
+        return state
+
+    def _matching_state(self) -> dict | None:
         if not self.path.exists():
             return None
         try:
@@ -180,7 +198,6 @@ class Checkpointer:
             print(f"checkpoint: ignoring {self.path} (written for other params or data)",
                   file=sys.stderr)
             return None
-        self.saved_step = state["trainer"]["step"]
         return state
 
     def restore(self, trainer: Any, state: dict) -> None:
@@ -207,11 +224,17 @@ class Checkpointer:
             self._mirror_copy.mkdir(parents=True, exist_ok=True)
             for f in self.mirror.iterdir():
                 dst = self._mirror_copy / f.name
-                if f.is_file() and (not dst.exists() or dst.stat().st_size != f.stat().st_size):
+                # contents, not sizes: every snapshot of one model has the same size
+                if f.is_file() and not (dst.exists() and filecmp.cmp(f, dst)):
                     shutil.copy2(f, dst)
         save_state(self.path, {"fingerprint": self.fingerprint, "run_id": self.run_id,
                                "trainer": trainer.state_dict(), "extra": capture_extra(trainer)})
         self.saved_step = trainer.step
+        for other in self._mirrors.glob("*"):  # their checkpoint was just overwritten
+            if other.is_dir() and other != self._mirror_copy:
+                shutil.rmtree(other)
+            elif other.is_file():  # the flat layout of earlier versions
+                other.unlink()
         return True
 
     def on_step_end(self, trainer: Any, step: int, metrics: dict) -> None:
@@ -222,5 +245,5 @@ class Checkpointer:
         """Training completed: drop the checkpoint, its temp file and the mirrored files."""
         for p in (self.path, self.path.with_name(self.path.name + ".tmp")):
             p.unlink(missing_ok=True)
-        shutil.rmtree(self._mirror_copy, ignore_errors=True)
+        shutil.rmtree(self._mirrors, ignore_errors=True)
         self.saved_step = None

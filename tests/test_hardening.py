@@ -287,6 +287,74 @@ def test_checkpoint_restore_is_bit_exact_in_every_mode(mode, tmp_path):
     assert torch.equal(torch.get_rng_state(), ref_rng)
 
 
+def test_resume_puts_back_only_its_own_runs_sparsity_snapshots(tmp_path):
+    """A run of other params writes snapshots of the same names and sizes. They used to stay
+    in the one mirror folder (copied only when the size differed) and come back on resume:
+    a killed then resumed run held the other run's masks. And a run that starts fresh and is
+    killed before its first checkpoint leaves the other run's checkpoint and snapshots
+    resumable, so a return to those params still gets all of its snapshots back."""
+    import hashlib
+
+    import torch
+    from conftest import TINY
+
+    from lfmodel.checkpoint import Checkpointer
+    from lfmodel.config import validate
+    from lfmodel.data import prepare_regimes
+    from lfmodel.models import build_model
+    from lfmodel.sparsity import build_schedule
+    from lfmodel.tracking import MLflowHook
+    from lfmodel.training import TrainConfig, Trainer, seed_everything
+
+    class NoTracker:
+        def log_metrics(self, metrics: dict, step: int) -> None:
+            pass
+
+        def flush(self) -> None:
+            pass
+
+    def train(sparsity: float, out: str, kill_at: int | None = None) -> dict[str, str]:
+        """As experiment.train does: fresh start clears the snapshots; -> their hashes."""
+        params = validate(merge(TINY, {"train": {"steps": 40, "checkpoint_every": 20},
+                                       "surge": {"mode": "interval", "collapse_every": 10,
+                                                 "surge_every": 15,
+                                                 "target_sparsity": sparsity}}))
+        splits, meta = prepare_regimes(params["data"], params["seed"])
+        snapshots = tmp_path / out / "sparsity"
+        ckpt = Checkpointer(tmp_path / out / "ckpt", 20, f"sparsity {sparsity}", snapshots)
+        state = ckpt.load()
+        if state is None:
+            shutil.rmtree(snapshots, ignore_errors=True)
+        seed_everything(params["seed"], 1)
+        cfg = TrainConfig.from_params(params)
+        hooks = [build_schedule(params["surge"], cfg.steps, params["seed"]),
+                 MLflowHook(NoTracker(), 10, tmp_path / out), ckpt]
+        hooks += [_Kill(kill_at)] if kill_at else []
+        trainer = Trainer(build_model(params["model"], meta["vocab_size"]), splits["train"],
+                          splits["val"], cfg, hooks)
+        if state is not None:
+            ckpt.restore(trainer, state)
+        try:
+            trainer.fit()
+            ckpt.clear()
+        except KeyboardInterrupt:
+            pass
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in sorted(snapshots.glob("*"))}
+
+    torch.set_num_threads(1)
+    want = {s: train(s, f"ref{s}") for s in (0.3, 0.7)}  # uninterrupted
+    assert want[0.3].keys() == want[0.7].keys() and want[0.3] != want[0.7]
+
+    train(0.3, "run", kill_at=27)   # checkpoint at 20, snapshots of steps 10, 15, 20 mirrored
+    train(0.7, "run", kill_at=27)   # other params: fresh start, its own checkpoint at 20
+    assert train(0.7, "run") == want[0.7]   # resumed from 20
+
+    train(0.3, "back", kill_at=27)
+    train(0.7, "back", kill_at=5)   # fresh start, killed before its first checkpoint
+    assert train(0.3, "back") == want[0.3]  # resumes the 0.3 run, every snapshot back
+
+
 # ------------------------------------------------------------------ divergence guard
 def test_nan_loss_fails_run_and_keeps_last_good_checkpoint(pipeline, tmp_path):
     import torch
