@@ -124,9 +124,19 @@ def _split_bounds(n: int, d: dict) -> list[tuple[int, int]]:
     return bounds
 
 
+def _not_utf8(path: str, err: UnicodeDecodeError) -> ValueError:
+    """The decoder's own message names neither the file nor what to do about it."""
+    byte = err.object[err.start:err.start + 1].hex()
+    return ValueError(f"{path} is not UTF-8 text (byte 0x{byte}: {err.reason}); save it as "
+                      "UTF-8")
+
+
 def prepare_text(d: dict, base: Path) -> tuple[dict, dict]:
     """Characters as tokens; vocabulary from the training split, id 0 = unknown character."""
-    text = (base / d["path"]).read_text(encoding="utf-8")
+    try:
+        text = (base / d["path"]).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(d["path"], err) from None
     if not text:
         raise ValueError(f"{d['path']} is empty")
     bounds = _split_bounds(len(text), d)
@@ -149,7 +159,8 @@ def read_column(d: dict, base: Path) -> np.ndarray:
 
     error: reject them (the message names the option); drop: remove those rows (the series
     then jumps over the gap); interpolate: linear in the row index, the ends take the nearest
-    value. A cell that is present but not a number is always an error.
+    value. Empty cells and nan/NA are missing; a cell that is present but not a number, or
+    infinite (inf, 1e999), is always an error: z-scoring would turn the whole series to NaN.
     """
     path = base / d["path"]
     if path.stat().st_size == 0:
@@ -158,16 +169,21 @@ def read_column(d: dict, base: Path) -> np.ndarray:
         df = pd.read_csv(path)
     except pd.errors.EmptyDataError:
         raise ValueError(f"{d['path']} is empty") from None
+    except UnicodeDecodeError as err:
+        raise _not_utf8(d["path"], err) from None
+    except pd.errors.ParserError as err:  # pandas' message ends in a newline
+        raise ValueError(f"{d['path']} is not a valid CSV: {' '.join(str(err).split())}") from None
     col = d["column"]
     if col not in df.columns:
         raise ValueError(f"column '{col}' not in {d['path']} (has: {', '.join(df.columns)})")
     raw = df[col]
     values = pd.to_numeric(raw, errors="coerce")
-    bad = values.isna() & raw.notna()
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"column '{col}' has {int(bad.sum())} non-numeric values (first: "
-                         f"{raw.iloc[row]!r} in data row {row + 1})")
+    for bad, what in ((values.isna() & raw.notna(), "non-numeric"),
+                      (np.isinf(values), "infinite")):
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"column '{col}' in {d['path']} has {int(bad.sum())} {what} values "
+                             f"(first: '{raw.iloc[row]}' in data row {row + 1})")
     missing = int(values.isna().sum())
     if missing == len(values):
         raise ValueError(f"column '{col}' in {d['path']} has no values")
@@ -190,11 +206,17 @@ def prepare_series(d: dict, base: Path) -> tuple[dict, dict]:
     values = read_column(d, base)
     bounds = _split_bounds(len(values), d)
     train = values[bounds[0][0]:bounds[0][1]]
-    mean, std = float(train.mean()), float(train.std())
-    if std == 0:
-        raise ValueError(f"column '{d['column']}' is constant over the training split (the first "
-                         f"{bounds[0][1]} rows): nothing to learn from")
-    z = ((values - mean) / std).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below, named in one line
+        mean, std = float(train.mean()), float(train.std())
+        if std == 0:
+            raise ValueError(f"column '{d['column']}' is constant over the training split (the "
+                             f"first {bounds[0][1]} rows): nothing to learn from")
+        z = ((values - mean) / std).astype(np.float32)
+    out = np.flatnonzero(~np.isfinite(z))
+    if len(out):  # finite values, but the statistics or a float32 z overflow: NaN losses
+        raise ValueError(f"column '{d['column']}' in {d['path']}: {values[out[0]]:g} (item "
+                         f"{out[0] + 1} of the series) does not fit in float32 once z-scored "
+                         f"(training mean {mean:g}, std {std:g}); rescale the column")
     splits = {}
     for name, (lo, hi) in zip(SPLITS, bounds, strict=True):
         x, y = _windows(z[lo:hi], d["seq_len"])

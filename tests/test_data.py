@@ -173,3 +173,31 @@ def test_constant_column_is_rejected_naming_it(tmp_path):
     (tmp_path / "sensor.csv").write_text("t,noise,setpoint\n" + rows)
     proc = prepare_in(tmp_path, {"source": "series", "path": "sensor.csv", "column": "setpoint"})
     assert_rejected(proc, tmp_path, "column 'setpoint' is constant", "21.5", "persistence")
+
+
+def _series_csv(bad_row: int, bad: str) -> bytes:
+    """300 rows of t,v; data row `bad_row` holds `bad` (in the test split for rows > 270)."""
+    rows = [f"{i},{math.sin(i / 5):.3f}" for i in range(300)]
+    rows[bad_row - 1] = f"{bad_row - 1},{bad}"
+    return ("t,v\n" + "\n".join(rows) + "\n").encode()
+
+
+@pytest.mark.parametrize("name,content,parts", [
+    # before: exit 0, "persistence baseline nan", then train failed "non-finite loss"
+    ("inf.csv", _series_csv(281, "inf"), ("column 'v' in inf.csv", "1 infinite values",
+                                          "'inf' in data row 281")),
+    ("huge.csv", _series_csv(290, "1e300"), ("column 'v' in huge.csv", "1e+300", "item 290",
+                                             "float32")),
+    # before: "'utf-8' codec can't decode byte 0xff ...", no file named
+    ("latin1.txt", "caf\u00e9 ".encode("latin-1") * 200, ("latin1.txt is not UTF-8", "0xe9")),
+    ("latin1.csv", _series_csv(3, "caf\u00e9").decode().encode("latin-1"),
+     ("latin1.csv is not UTF-8", "0xe9")),
+    # before: pandas' message, ending in a newline: two lines
+    ("ragged.csv", _series_csv(5, "1.0,7"),
+     ("ragged.csv is not a valid CSV", "Expected 2 fields in line 6, saw 3")),
+])
+def test_bad_file_is_one_line_naming_it(name, content, parts, tmp_path):
+    (tmp_path / name).write_bytes(content)
+    data = ({"source": "text", "path": name} if name.endswith(".txt")
+            else {"source": "series", "path": name, "column": "v"})
+    assert_rejected(prepare_in(tmp_path, data, seq_len=8), tmp_path, *parts)
