@@ -30,8 +30,8 @@ from lfmodel.sparsity.masks import MaskSet
 class DivergenceError(RuntimeError):
     """A non-finite loss: training stops; the last good checkpoint is kept."""
 
-    def __init__(self, step: int, value: float) -> None:
-        super().__init__(f"non-finite loss ({value}) at step {step}; training stopped")
+    def __init__(self, step: int, value: float, what: str = "loss") -> None:
+        super().__init__(f"non-finite {what} ({value}) at step {step}; training stopped")
         self.step = step
 
 
@@ -186,6 +186,10 @@ class Trainer:
                 metrics.update(self.snapshot(loss, task, parts, monitor))
             if evaluate:
                 val = self.evaluate()
+                # non-finite weights from this update: the next step's loss would stop
+                # training, but after the last step nothing would, and save_model writes them
+                if not math.isfinite(val):
+                    raise DivergenceError(step, val, "validation loss")
                 self.val_history.append((step, val))
                 metrics["loss/val"] = val
                 bar.set_postfix(loss=f"{self.losses[-1]:.3f}", val=f"{val:.3f}")

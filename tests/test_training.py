@@ -230,6 +230,31 @@ class NaNAfter:
                 next(trainer.model.parameters()).fill_(math.nan)
 
 
+class NaNGrads:
+    """Non-finite gradients at step `at`: its loss is finite, the update makes the weights NaN."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def after_backward(self, trainer, step):
+        if step == self.at:
+            for p in trainer.model.parameters():
+                if p.grad is not None:
+                    p.grad.fill_(math.nan)
+
+
+def test_divergence_in_the_last_update_stops_before_the_model_is_saved(regimes):
+    """The last step's loss is finite but its update makes the weights NaN: no later loss would
+    catch it, so the final validation loss does (else the stage saved a NaN model, exit 0)."""
+    splits, _ = regimes
+    trainer = Trainer(lfm(0), splits["train"], splits["val"], config(12, log_every=5),
+                      [NaNGrads(12)])
+    with pytest.raises(DivergenceError, match="non-finite validation loss \\(nan\\) at step 12"):
+        trainer.fit()
+    assert trainer.step == 12 and len(trainer.losses) == 12  # the last loss, finite, is kept
+    assert all(math.isfinite(v) for v in trainer.losses)
+
+
 def test_divergence_between_log_steps_stops_at_the_next_and_names_the_first(regimes, tmp_path):
     """Non-finite loss at step 23, log steps every 5: training stops at the log step 25 (no
     per-step host sync), the error names step 23, no checkpoint holds non-finite weights (the
