@@ -273,7 +273,7 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: safe
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
+def yaml_problem(err: yaml.YAMLError) -> str:
     """PyYAML's message on one line: the problem and where (its own spans several lines)."""
     mark = getattr(err, "problem_mark", None)
     problem = " ".join(str(getattr(err, "problem", None) or err).split())
@@ -288,7 +288,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict:
     try:
         raw = load_yaml(path.read_text())
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
+        raise ParamsError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
     return validate(raw, base_dir=path.parent)
 
 

@@ -12,11 +12,14 @@ design is a list of arms, not a product).
 The records are DVC experiments and MLflow runs: one parent run per sweep (grid, sweep id,
 commit, backend; a summary table at the end); every experiment's run carries
 `mlflow.parentRunId`, `lfmodel.sweep_id` and, on Ray, `lfmodel.node_id`. A sweep id reused with
-the same grid resumes (points with a complete run are skipped); with another grid it is refused.
+the same grid resumes (points with a complete run, or locally an entry in DVC's queue, are
+skipped); with another grid it is refused. A driver stopped early ends its parent run FAILED
+(an error) or KILLED (Ctrl-C, SIGTERM), never RUNNING.
 
 Backends:
   local  `dvc exp run --queue` per point (DVC's API, one process), then `dvc exp run --run-all -j N`
-         (SQLite store is fine).
+         (SQLite store is fine). It runs every entry of DVC's queue, so a queue that holds other
+         experiments is refused.
   ray    one Ray task per point in a fresh clone of `origin`: `dvc exp run --pull -n NAME`, then
          `dvc exp push origin NAME`; a retried task that finds its ref on origin returns it. The
          driver then `dvc exp pull`s every experiment. Needs an MLflow server (lfmodel server).
@@ -24,6 +27,7 @@ Backends:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -31,18 +35,22 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfmodel.config import ParamsError, load_params, load_yaml, validate
-from lfmodel.tracking import get_client, tracking_uri
+import yaml
+
+from lfmodel.config import ParamsError, load_params, load_yaml, validate, yaml_problem
+from lfmodel.tracking import get_client, raise_on_sigterm, tracking_uri
 
 PARENT_ROLE = ("lfmodel.sweep.role", "parent")
 POLL_SECONDS = 10.0
@@ -60,7 +68,10 @@ def parse_axis(spec: str) -> tuple[str, list[Any]]:
     key = key.strip()
     if not sep or not key:
         raise SweepError(f"-S {spec!r}: expected KEY=V1,V2,...")
-    vals = [load_yaml(v) for v in values.split(",") if v.strip()]
+    try:
+        vals = [load_yaml(v) for v in values.split(",") if v.strip()]
+    except yaml.YAMLError as err:
+        raise SweepError(f"-S {spec!r}: not a YAML value ({yaml_problem(err)})") from None
     if not vals:
         raise SweepError(f"-S {spec!r}: empty grid (no values for {key})")
     return key, vals
@@ -277,6 +288,26 @@ def parent_run(client: Any, exp_id: str, sweep_id: str, grid: Grid | Points, bac
     return rid
 
 
+@contextlib.contextmanager
+def settled(client: Any, parent_id: str) -> Iterator[None]:
+    """Around a driver's work after parent_run: a driver that stops early must not leave the
+    parent RUNNING (a sweep that looks alive). Ctrl-C or SIGTERM (turned into KeyboardInterrupt
+    by tracking's handler, as for a stage's run) ends it KILLED, an error FAILED; summarize
+    sets the status of a sweep that ran to its end."""
+    main = threading.current_thread() is threading.main_thread()  # signal.signal needs it
+    previous = signal.signal(signal.SIGTERM, raise_on_sigterm) if main else None
+    try:
+        yield
+    except BaseException as err:
+        with contextlib.suppress(Exception):  # the driver's own error is what propagates
+            client.set_terminated(parent_id, status="KILLED" if isinstance(err, KeyboardInterrupt)
+                                  else "FAILED")
+        raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def summarize(client: Any, exp_id: str, parent_id: str, sweep_id: str,
               names: dict[str, dict], extra: dict[str, dict] | None = None) -> list[str]:
     """Tag children under the parent (if a stage missed the env), log the summary table on the
@@ -371,44 +402,72 @@ def _tally(client: Any, exp_id: str, names: set[str], since: float) -> tuple[int
 # ---------------------------------------------------------------------------- local backend
 
 def run_local(sweep_id: str, grid: Grid | Points, jobs: int = 2, experiment: str | None = None) -> list[str]:
-    """Queue the points without a complete run, run them with -j jobs; names still missing."""
+    """Queue the points with neither a complete run nor an entry in DVC's queue, run the queue
+    with -j jobs; names still missing."""
     names = check_grid(grid, sweep_id)
     experiment = experiment or load_params()["tracking"]["experiment"]
     client, exp_id = get_client(experiment)
+    waiting = in_queue(sweep_id, set(names))  # before parent_run: a refusal changes nothing
     parent = parent_run(client, exp_id, sweep_id, grid, "local")
-    done = {n for n, rs in child_runs(client, exp_id, set(names)).items()
-            if any(run_complete(r) for r in rs)}
-    todo = [n for n in names if n not in done]
-    env = _bin_env({"LFMODEL_SWEEP_ID": sweep_id, "LFMODEL_PARENT_RUN_ID": parent})
-    queue(todo, {n: grid.sets(names[n]) for n in todo})
-    print(f"sweep {sweep_id}: {len(names)} grid points, {len(done)} already complete, queued "
-          f"{len(todo)}; running with -j {jobs} (MLflow parent run {parent} in {tracking_uri()})",
-          flush=True)
-    progress = Progress(sweep_id, len(names), len(done))
-    t0 = time.time()
-    if todo:
-        # DVC's output is relayed, not inherited: the queue workers it detaches keep the fds it
-        # had, and a worker that hangs on shutdown (seen once, after its task succeeded) would
-        # then hold our caller's pipe open (`lfmodel sweep | tee`, a test) after we return.
-        proc = subprocess.Popen(["dvc", "exp", "run", "--run-all", "-j", str(jobs)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        threading.Thread(target=_relay, args=(proc.stdout,), daemon=True).start()
-        while proc.poll() is None:
+    with settled(client, parent):
+        done = {n for n, rs in child_runs(client, exp_id, set(names)).items()
+                if any(run_complete(r) for r in rs)}
+        todo = [n for n in names if n not in done and n not in waiting]
+        env = _bin_env({"LFMODEL_SWEEP_ID": sweep_id, "LFMODEL_PARENT_RUN_ID": parent})
+        queue(todo, {n: grid.sets(names[n]) for n in todo})
+        print(f"sweep {sweep_id}: {len(names)} grid points, {len(done)} already complete, queued "
+              f"{len(todo)}" + (f", {len(waiting)} already in DVC's queue" if waiting else "") +
+              f"; running with -j {jobs} (MLflow parent run {parent} in {tracking_uri()})",
+              flush=True)
+        progress = Progress(sweep_id, len(names), len(done))
+        t0 = time.time()
+        if todo or waiting:
+            # DVC's output is relayed, not inherited: the queue workers it detaches keep the fds
+            # it had, and a worker that hangs on shutdown (seen once, after its task succeeded)
+            # would then hold our caller's pipe open (`lfmodel sweep | tee`, a test) after we
+            # return.
+            proc = subprocess.Popen(["dvc", "exp", "run", "--run-all", "-j", str(jobs)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            threading.Thread(target=_relay, args=(proc.stdout,), daemon=True).start()
             try:
-                proc.wait(POLL_SECONDS)
-            except subprocess.TimeoutExpired:
-                pass
-            progress.show(*_tally(client, exp_id, set(names), t0))
-    progress.show(*_tally(client, exp_id, set(names), t0))
-    missing = summarize(client, exp_id, parent, sweep_id, names)
+                while proc.poll() is None:
+                    try:
+                        proc.wait(POLL_SECONDS)
+                    except subprocess.TimeoutExpired:
+                        pass
+                    progress.show(*_tally(client, exp_id, set(names), t0))
+            finally:  # stopped early: no orphan follower (DVC's workers go on, `dvc queue status`)
+                if proc.poll() is None:
+                    proc.terminate()
+        progress.show(*_tally(client, exp_id, set(names), t0))
+        missing = summarize(client, exp_id, parent, sweep_id, names)
     _report_missing(sweep_id, names, missing)
     return missing
+
+
+def in_queue(sweep_id: str, names: set[str]) -> set[str]:
+    """The names that DVC's queue already holds (queued, or running in a worker of an earlier
+    driver): a resume must not queue them again, `--run-all` runs every entry, duplicates too.
+    SweepError when it holds other experiments: `--run-all` cannot be limited to some entries
+    and would run them under this sweep's parent run."""
+    from dvc.repo import Repo
+
+    with Repo() as repo:
+        q = repo.experiments.celery_queue
+        held = {e.name or e.stash_rev[:7] for e in (*q.iter_active(), *q.iter_queued())}
+    foreign = sorted(held - names)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise SweepError(f"DVC's queue holds {len(foreign)} experiment(s) outside sweep "
+                         f"{sweep_id}'s grid ({shown}), and `dvc exp run --run-all` would run them "
+                         "under it: `dvc queue remove` them or run them first (`dvc exp run --run-all`; "
+                         "`dvc queue status` lists them)")
+    return held & names
 
 
 def queue(todo: list[str], sets: dict[str, list[str]]) -> None:
     """`dvc exp run --queue -n NAME -S ...` for each name, through DVC's API in this process:
     about 0.1 s a point instead of a ~1 s CLI start each (130 points: ~15 s, not 2.5 min)."""
-    import contextlib
     import io
 
     from dvc.repo import Repo
@@ -420,7 +479,7 @@ def queue(todo: list[str], sets: dict[str, list[str]]) -> None:
                     repo.experiments.run(queue=True, name=name, params=sets[name])
             except Exception as err:  # DVC's, or Hydra's parse error on a -S value: one line
                 first = (str(err).strip().splitlines() or [""])[0]
-                raise SystemExit(f"sweep: queueing {name} failed: {type(err).__name__}: "
+                raise SweepError(f"queueing {name} failed: {type(err).__name__}: "
                                  f"{first}") from None
 
 
@@ -530,52 +589,54 @@ def run_ray(sweep_id: str, grid: Grid | Points, address: str | None, experiment:
         if proc.returncode != 0:
             raise SweepError(f"{' '.join(cmd[:2])} failed: "
                              f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
-    parent = parent_run(client, exp_id, sweep_id, grid, "ray")
-    done = {n for n, rs in child_runs(client, exp_id, set(names)).items()
-            if any(run_complete(r) for r in rs)}
-    todo = [n for n in names if n not in done]
     import ray
 
+    # before settled: ray.init sets its own SIGTERM handler (sys.exit), which would win
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    env = {"MLFLOW_TRACKING_URI": tracking_uri(), "LFMODEL_SWEEP_ID": sweep_id,
-           "LFMODEL_PARENT_RUN_ID": parent, "LFMODEL_EXPERIMENT": experiment}
-    task = ray.remote(run_point)
+    parent = parent_run(client, exp_id, sweep_id, grid, "ray")
+    with settled(client, parent):
+        done = {n for n, rs in child_runs(client, exp_id, set(names)).items()
+                if any(run_complete(r) for r in rs)}
+        todo = [n for n in names if n not in done]
+        env = {"MLFLOW_TRACKING_URI": tracking_uri(), "LFMODEL_SWEEP_ID": sweep_id,
+               "LFMODEL_PARENT_RUN_ID": parent, "LFMODEL_EXPERIMENT": experiment}
+        task = ray.remote(run_point)
 
-    def resources(point: dict) -> dict:
-        """A task's CPUs = its train.threads (0: one); a GPU when its train.device is cuda."""
-        over = grid.overrides(point)
-        threads = int(over.get("train.threads", params["train"]["threads"])) or 1
-        cuda = over.get("train.device", params["train"]["device"]) == "cuda"
-        return {"num_cpus": threads, "num_gpus": 1 if cuda else 0}
+        def resources(point: dict) -> dict:
+            """A task's CPUs = its train.threads (0: one); a GPU when its train.device is cuda."""
+            over = grid.overrides(point)
+            threads = int(over.get("train.threads", params["train"]["threads"])) or 1
+            cuda = over.get("train.device", params["train"]["device"]) == "cuda"
+            return {"num_cpus": threads, "num_gpus": 1 if cuda else 0}
 
-    pending = {task.options(**resources(names[n]), max_retries=max_retries,
-                            retry_exceptions=False).remote(origin, commit, n,
-                                                           grid.sets(names[n]), env): n
-               for n in todo}
-    print(f"sweep {sweep_id}: {len(names)} grid points, {len(done)} already complete, submitted "
-          f"{len(todo)} Ray tasks to {address} (MLflow parent run {parent})", flush=True)
-    progress = Progress(sweep_id, len(names), len(done))
-    results: dict[str, dict] = {}
-    failed: dict[str, str] = {}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
-        for fut in ready:
-            name = pending.pop(fut)
-            try:
-                results[name] = ray.get(fut)
-            except Exception as err:  # the task's own error, after Ray's retries
-                failed[name] = str(err).strip().splitlines()[-1][:300]
-                print(f"sweep {sweep_id}: {name} failed: {failed[name]}", file=sys.stderr)
-        progress.show(len(done) + len(results), len(failed))
-    ray.shutdown()
-    pulled = [n for n in names if n in results or n in done]
-    if pulled:
-        proc = subprocess.run(["dvc", "exp", "pull", "origin", *pulled], capture_output=True,
-                              text=True, env=_bin_env())
-        if proc.returncode != 0:
-            print(f"sweep {sweep_id}: dvc exp pull failed: {proc.stderr.strip()[-500:]}",
-                  file=sys.stderr)
-    extra = {n: {"seconds": round(r["seconds"], 1)} for n, r in results.items()}
-    missing = summarize(client, exp_id, parent, sweep_id, names, extra)
+        pending = {task.options(**resources(names[n]), max_retries=max_retries,
+                                retry_exceptions=False).remote(origin, commit, n,
+                                                               grid.sets(names[n]), env): n
+                   for n in todo}
+        print(f"sweep {sweep_id}: {len(names)} grid points, {len(done)} already complete, submitted "
+              f"{len(todo)} Ray tasks to {address} (MLflow parent run {parent})", flush=True)
+        progress = Progress(sweep_id, len(names), len(done))
+        results: dict[str, dict] = {}
+        failed: dict[str, str] = {}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS)
+            for fut in ready:
+                name = pending.pop(fut)
+                try:
+                    results[name] = ray.get(fut)
+                except Exception as err:  # the task's own error, after Ray's retries
+                    failed[name] = str(err).strip().splitlines()[-1][:300]
+                    print(f"sweep {sweep_id}: {name} failed: {failed[name]}", file=sys.stderr)
+            progress.show(len(done) + len(results), len(failed))
+        ray.shutdown()
+        pulled = [n for n in names if n in results or n in done]
+        if pulled:
+            proc = subprocess.run(["dvc", "exp", "pull", "origin", *pulled], capture_output=True,
+                                  text=True, env=_bin_env())
+            if proc.returncode != 0:
+                print(f"sweep {sweep_id}: dvc exp pull failed: {proc.stderr.strip()[-500:]}",
+                      file=sys.stderr)
+        extra = {n: {"seconds": round(r["seconds"], 1)} for n, r in results.items()}
+        missing = summarize(client, exp_id, parent, sweep_id, names, extra)
     _report_missing(sweep_id, names, missing)
     return missing

@@ -381,7 +381,8 @@ def read_run_file(path: str | Path = RUN_FILE) -> dict:
     return json.loads(path.read_text())
 
 
-def _raise_on_sigterm(signum: int, frame: Any) -> None:
+def raise_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM handler: unwind as Ctrl-C does, so a run (or a sweep's parent) ends KILLED."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -455,7 +456,7 @@ def unlogged_stage(stage: str, params: dict) -> Iterator[None]:
     fails or is killed, the pipeline's run is opened to be marked FAILED / KILLED with the
     stage's tags, as stage_run would; the stage's own error is what propagates. On success the
     stage that logs its outputs (evaluate) tags it done."""
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, raise_on_sigterm)
     try:
         yield
     except BaseException as err:
@@ -499,7 +500,7 @@ def stage_run(stage: str, params: dict, run_id: str | None = None) -> Iterator[T
     # the process that holds the run RUNNING: a rerun settles it if that process is gone
     tracker.set_tags({f"dvc.stage.{stage}": "running", "lfmodel.host": socket.gethostname(),
                       "lfmodel.pid": str(os.getpid())})
-    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, raise_on_sigterm)
     try:
         yield tracker
         tracker.flush()

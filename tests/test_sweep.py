@@ -48,6 +48,8 @@ def test_bad_inputs_one_line_exit_2(dvc_repo, tmp_path):
     assert "empty grid" in _bad(repo, "--name", "a", env=store)
     assert "empty grid" in _bad(repo, "-S", "lambda_entropy=", env=store)
     assert "--seeds" in _bad(repo, "--seeds", "x-y", env=store)
+    assert "-S 'train.lr=[1': not a YAML value (expected ',' or ']'" in _bad(
+        repo, "-S", "train.lr=[1", env=store)  # was a yaml traceback
     # a sweep id already used with another grid
     grid = sweep.Grid({"lambda_entropy": [0.0, 0.05]})
     run([str(BIN / "python"), "-c",
@@ -83,10 +85,65 @@ def test_queue_failure_is_one_line(dvc_repo, monkeypatch):
     monkeypatch.chdir(dvc_repo())
     for sets, want in ((["nofile.yaml:x=1"], "Invalid `--set-param` value"),
                        (["seed"], "OverrideParseException: Error parsing override 'seed'")):
-        with pytest.raises(SystemExit) as exc:
+        with pytest.raises(sweep.SweepError) as exc:
             sweep.queue(["q"], {"q": sets})
-        assert str(exc.value).startswith("sweep: queueing q failed: ") and want in str(exc.value)
+        assert str(exc.value).startswith("queueing q failed: ") and want in str(exc.value)
         assert "\n" not in str(exc.value)
+
+
+def _parents(uri: str) -> dict[str, str]:
+    """{sweep id: status} of the sweeps' parent runs in one MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("entropy-dynamics")
+    runs = client.search_runs([exp.experiment_id], "tags.`lfmodel.sweep.role` = 'parent'")
+    return {r.data.tags["lfmodel.sweep_id"]: r.info.status for r in runs}
+
+
+def test_parent_run_settled_when_stopped_early(dvc_repo, tmp_path):
+    """A driver stopped by a queueing error (one line, exit 2 like other bad input), Ctrl-C or
+    SIGTERM ends its parent run FAILED / KILLED, not RUNNING (a sweep that looks alive)."""
+    repo = dvc_repo()
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    line = _bad(repo, "-S", "seed=0", "--set", "tracking.experiment=a]b", "--name", "qf", env=store)
+    assert "queueing qf-s0 failed: OverrideParseException" in line
+    stop = ("import os, signal, sys\nfrom lfmodel import cli, sweep\n"  # the signal while queueing
+            "sweep.queue = lambda *a: os.kill(os.getpid(), getattr(signal, sys.argv[1]))\n"
+            "cli.main(['sweep', '-S', 'seed=0', '--name', sys.argv[2]])\n")
+    codes = {sid: run([str(BIN / "python"), "-c", stop, sig, sid], repo, env=store, check=False,
+                      timeout=120).returncode for sig, sid in (("SIGINT", "qi"), ("SIGTERM", "qt"))}
+    assert _parents(store["MLFLOW_TRACKING_URI"]) == {"qf": "FAILED", "qi": "KILLED", "qt": "KILLED"}
+    assert codes == {"qi": 130, "qt": 130}
+
+
+def test_resume_runs_dvc_queue_once(dvc_repo, tmp_path, monkeypatch):
+    """A driver killed after queueing: the resume does not queue the point again (`--run-all`
+    runs every entry, duplicates too), it runs it once; another experiment in DVC's queue is
+    refused before anything changes (it would run under this sweep's parent run)."""
+    from mlflow.tracking import MlflowClient
+
+    repo = dvc_repo()
+    monkeypatch.chdir(repo)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    grid = sweep.Grid({"lambda_entropy": [0]})
+    name = grid.name("rq", grid.points()[0])
+    sweep.queue(["other", name], {"other": ["seed=7"], name: grid.sets(grid.points()[0])})
+    args = [LFMODEL, "sweep", "-S", "lambda_entropy=0", "--name", "rq", "-j", "1"]
+    proc = run(args, repo, env={"MLFLOW_TRACKING_URI": uri}, check=False, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "outside sweep rq's grid (other)" in proc.stderr
+    assert not _parents(uri)  # refused before the parent run
+    run(["dvc", "queue", "remove", "other"], repo)
+    proc = run(args, repo, env={"MLFLOW_TRACKING_URI": uri}, timeout=300)
+    assert "queued 0, 1 already in DVC's queue" in proc.stdout, proc.stdout + proc.stderr
+    assert "results == grid (1 experiments" in proc.stdout
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("entropy-dynamics")
+    runs = client.search_runs([exp.experiment_id], f"tags.`dvc.exp_name` = '{name}'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    refs = run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], repo).stdout.split()
+    assert sum(r.endswith("/" + name) for r in refs) == 1, refs
 
 
 def test_local_backend_small_grid(dvc_repo, tmp_path):
