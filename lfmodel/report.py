@@ -237,17 +237,21 @@ def claim_verdict(table: pd.DataFrame) -> str:
         return "not tested"
     v = table["verdict"]
     m, h, o = len(v), int((v == "holds").sum()), int((v == "opposite").sum())
-    if (v == "too few pairs").all():
+    few = int((v == "too few pairs").sum())
+    if few == m:
         return "too few pairs"
+    untested = f"too few pairs in {few}" if few else ""
     if h and o:
         return f"mixed: holds in {h}, opposite in {o} of {m} comparisons"
-    if h:
-        return "holds" if h == m else f"holds in {h} of {m} comparisons, no effect in the rest"
-    if o:
-        return "opposite" if o == m else f"opposite in {o} of {m} comparisons, no effect in the rest"
+    for k, word in ((h, "holds"), (o, "opposite")):
+        if k:
+            none = m - k - few
+            rest = ("no effect in the rest" if not few else
+                    ", ".join(p for p in (f"no effect in {none}" if none else "", untested) if p))
+            return word if k == m else f"{word} in {k} of {m} comparisons, {rest}"
     w = (table["ci_high"] - table["ci_low"]).dropna()
-    return (f"no effect detected (corrected interval widths {w.min():.3g} to {w.max():.3g})"
-            if len(w) else "too few pairs")
+    return (f"no effect detected (corrected interval widths {w.min():.3g} to {w.max():.3g}"
+            + (f"; {untested}" if few else "") + ")")
 
 
 # ---------------------------------------------------------------------------- writing

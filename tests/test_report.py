@@ -170,6 +170,16 @@ def test_claim_verdict_summaries():
     assert report.claim_verdict(t("no effect detected (x)")) == (
         "no effect detected (corrected interval widths 0.3 to 0.3)")
     assert report.claim_verdict(pd.DataFrame()) == "not tested"
+    # comparisons without enough pairs are named, not counted as "no effect"
+    assert report.claim_verdict(t("holds", "too few pairs")) == (
+        "holds in 1 of 2 comparisons, too few pairs in 1")
+    assert report.claim_verdict(t("opposite", "no effect detected (x)", "too few pairs")) == (
+        "opposite in 1 of 3 comparisons, no effect in 1, too few pairs in 1")
+    assert report.claim_verdict(t("too few pairs", "too few pairs")) == "too few pairs"
+    few = t("no effect detected (x)", "too few pairs")
+    few.loc[1, ["ci_low", "ci_high"]] = np.nan
+    assert report.claim_verdict(few) == (
+        "no effect detected (corrected interval widths 0.3 to 0.3; too few pairs in 1)")
 
 
 def test_bad_table_writes_nothing(tmp_path):
