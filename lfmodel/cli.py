@@ -33,15 +33,22 @@ def _check_int(flag: str, value: int, low: int, high: int | None = None) -> None
 def _sweep(args: argparse.Namespace) -> int:
     _check_int("-j/--jobs", args.jobs, 1)
     load_params()  # the file the sweep reads (check_grid, run_*): missing or bad is one line
-    axes = dict(sweep.parse_axis(s) for s in args.S)
+    pairs = [sweep.parse_axis(s) for s in args.S]
     if args.seeds:
-        axes["seed"] = sweep.parse_seeds(args.seeds)
+        pairs.append(("seed", sweep.parse_seeds(args.seeds)))
     fixed = {}
     for s in args.set:
         key, vals = sweep.parse_axis(s)
         if len(vals) != 1:
             raise sweep.SweepError(f"--set {s!r}: one value (use -S for a grid axis)")
+        pairs.append((key, vals))
         fixed[key] = vals[0]
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:  # a dict would keep the last one without a word
+        raise sweep.SweepError(f"{', '.join(twice)} given more than once (-S, --set, --seeds): "
+                               "one axis per key, its values comma-separated")
+    axes = {k: v for k, v in pairs if k not in fixed}
     grid = sweep.Grid(axes, fixed)
     sweep_id = args.name or time.strftime("sweep%m%d%H%M")
     if args.backend == "ray":

@@ -272,6 +272,19 @@ def test_cli_bad_ints_are_one_line_before_anything_starts(cli_dir, capsys, monke
     assert [s[0] for s in started] == ["sweep"] and started[0][3] == 1  # (id, grid, jobs)
 
 
+def test_cli_sweep_key_given_twice_is_one_line(cli_dir, capsys):
+    """`-S lambda_entropy=0 -S lambda_entropy=0.05` kept the last axis without a word."""
+    where, started = cli_dir
+    (where / "params.yaml").write_text(yaml.safe_dump(DEFAULTS))
+    for argv in (["-S", "lambda_entropy=0", "-S", "lambda_entropy=0.05"],
+                 ["-S", "seed=1,2", "--seeds", "0-4"],
+                 ["-S", "train.lr=0.01,0.02", "--set", "train.lr=0.03"]):
+        code, err = _lfmodel(["sweep", *argv], capsys)
+        assert (code, err.count("\n")) == (2, 1), (argv, err)
+        assert "given more than once" in err, err
+    assert started == []
+
+
 def test_cli_sweep_bad_params_file_is_one_line(cli_dir, capsys):
     """A missing params.yaml (ParamsError from run_local) and bad YAML (yaml's own error from
     check_grid) were tracebacks; now study.main's pattern: one line, exit 2, nothing queued."""
