@@ -146,7 +146,10 @@ def _spawn(cmd: list[str], log: Path, started: Started, stop_signal: int,
     """Popen in a session of its own (a terminal's Ctrl-C does not reach it: `serve` stops
     it), put on `started` before any interrupt can unwind the caller."""
     with open(log, "ab") as fh, _interrupts_held():
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, user=user, start_new_session=True)
+        try:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=fh, user=user, start_new_session=True)
+        except OSError as err:  # a missing or unrunnable binary: one line, not a traceback
+            raise ServerError(f"cannot start {cmd[0]}: {err.strerror or err}") from None
         started.append((proc, stop_signal))
     return proc
 
@@ -194,7 +197,11 @@ def start_postgres(data: Path, host: str = "127.0.0.1", *,
             raise ServerError(f"initdb failed: {init.stderr.strip().splitlines()[-1:]}")
     pid_file = pgdata / "postmaster.pid"
     if pid_file.exists():
-        pid = int(pid_file.read_text().split()[0])
+        first = pid_file.read_text(errors="replace").split()[:1]
+        if not (first and first[0].isdigit()):  # PostgreSQL itself refuses such a lock file
+            raise ServerError(f"{pid_file} has no pid in it: if no PostgreSQL uses {pgdata}, "
+                              "delete the file")
+        pid = int(first[0])
         if pid_alive(pid):
             raise ServerError(f"PostgreSQL is already running on {pgdata} (pid {pid}): is another "
                               f"lfmodel server using this --data? (if not, delete {pid_file})")

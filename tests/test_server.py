@@ -162,6 +162,30 @@ def test_pid_file_of_another_users_live_process_means_running(tmp_path, monkeypa
     assert started == [] and (pgdata / "postmaster.pid").exists()
 
 
+@pytest.mark.parametrize("content", ["", "garbage\n"])
+def test_unreadable_pid_file_one_line(content, tmp_path):
+    """An empty or corrupt postmaster.pid (a crash mid-write) used to end in a traceback."""
+    pgdata = tmp_path / "d" / "pg"
+    pgdata.mkdir(parents=True)
+    (pgdata / "PG_VERSION").write_text("16\n")
+    (pgdata / "postmaster.pid").write_text(content)
+    proc = run([LFMODEL, "server", "--data", str(tmp_path / "d")], tmp_path, check=False,
+               timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"lfmodel server: {pgdata / 'postmaster.pid'} has no pid in it: if no PostgreSQL uses "
+        f"{pgdata}, delete the file"], proc.stderr
+
+
+def test_spawn_of_a_missing_binary_is_a_server_error(tmp_path):
+    from lfmodel import server
+
+    started: list = []
+    with pytest.raises(server.ServerError, match="cannot start /nonexistent/postgres: No such"):
+        server._spawn(["/nonexistent/postgres"], tmp_path / "log", started, 2)
+    assert started == []
+
+
 def test_server_port_in_use_one_line(tmp_path):
     import socket
 
