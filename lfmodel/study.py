@@ -25,12 +25,15 @@ CPU time = cores used x wall (the runs do not record their process CPU; the file
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,7 @@ OUT = report.OUT
 STUDY_ID = "study"  # the default id: rerunning `make study` resumes it; a new study, a new id
 CALIB_STEPS, CALIB_WARMUP = 20, 3
 DESIGN_FILE = "design.json"
+HEARTBEAT_S = 60.0  # how often a running study logs its wall time so far (timed)
 OLD_FLAGS = ("--modes", "--lambdas", "--seeds", "--steps", "--set")
 
 
@@ -213,12 +217,56 @@ def collect(study_id: str, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame,
 
 def cost(client: Any, parent: str) -> tuple[float | None, float | None, str]:
     """Wall and CPU seconds summed over the study's invocations (metrics study.wall_s and
-    study.cpu_s on the parent, one value per invocation), and how CPU was counted."""
-    wall = [m.value for m in client.get_metric_history(parent, "study.wall_s")]
-    cpu = [m.value for m in client.get_metric_history(parent, "study.cpu_s")]
+    study.cpu_s on the parent, at one step per invocation; its last value, see timed), and
+    how CPU was counted."""
+    def total(key: str) -> float | None:
+        last: dict[int, tuple[int, float]] = {}
+        for m in client.get_metric_history(parent, key):
+            if m.step not in last or m.timestamp >= last[m.step][0]:
+                last[m.step] = (m.timestamp, m.value)
+        return sum(v for _, v in last.values()) if last else None
+
     run = client.get_run(parent)
     basis = run.data.tags.get("lfmodel.study.cpu_basis", "not recorded")
-    return (sum(wall) if wall else None, sum(cpu) if cpu else None, basis)
+    return total("study.wall_s"), total("study.cpu_s"), basis
+
+
+@contextlib.contextmanager
+def timed(client: Any, parent: str, study_id: str, cores: int | None,
+          every: float = HEARTBEAT_S) -> Iterator[None]:
+    """Log this invocation's wall (and cores x wall) seconds on the parent at step t0 in ms:
+    every `every` seconds from a thread, and once more at the end however it ends. A study
+    killed outright (SIGKILL, a lost machine) keeps its time up to the last beat."""
+    t0 = time.time()
+    stop = threading.Event()
+
+    def log() -> None:
+        wall = time.time() - t0
+        client.log_metric(parent, "study.wall_s", wall, step=int(t0 * 1000))
+        if cores:
+            client.log_metric(parent, "study.cpu_s", cores * wall, step=int(t0 * 1000))
+
+    def beat() -> None:
+        while not stop.wait(every):
+            with contextlib.suppress(Exception):  # a store that blips: the next beat logs
+                log()
+
+    if cores:
+        client.set_tag(parent, "lfmodel.study.cpu_basis",
+                       f"{cores} cores x wall (the runs do not record their process CPU)")
+    thread = threading.Thread(target=beat, name="study-wall", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            log()
+        except Exception as err:  # noqa: BLE001 - the study's own error is what matters
+            print(f"study {study_id}: wall time not logged: {err}", file=sys.stderr)
+        print(f"study {study_id}: {(time.time() - t0) / 60:.1f} min wall this invocation",
+              flush=True)
 
 
 def write_report(study_id: str, experiment: str, out: Path = OUT,
@@ -294,7 +342,6 @@ def run_study(study_id: str, design: arms.Design | None, backend: str = "local",
         raise StudyError(f"study {study_id!r} has no stored design to resume")
     else:
         dmap = design_map(design, study_id)
-    t0 = time.time()
     phase1 = {n: d for n, d in dmap.items() if d["arm"] != "static_matched"}
     points = to_points(phase1, study_id, extra)
     try:
@@ -302,23 +349,17 @@ def run_study(study_id: str, design: arms.Design | None, backend: str = "local",
         parent = parent_run(client, exp_id, study_id, points, backend)
     except SweepError as err:
         raise StudyError(str(err)) from None
-    store_design(client, parent, phase1)
-    missing = _sweep(study_id, points, backend, jobs, address, experiment)
-    if not missing:
-        phase2 = matched_phase(study_id, phase1, experiment)
-        if phase2:
-            both = {**phase1, **phase2}
-            store_design(client, parent, both)
-            missing = _sweep(study_id, to_points(both, study_id, extra), backend, jobs,
-                             address, experiment)
-    wall = time.time() - t0
     used = min(jobs, os.cpu_count() or 1) if backend == "local" else cores
-    client.log_metric(parent, "study.wall_s", wall, step=int(t0))
-    if used:
-        client.log_metric(parent, "study.cpu_s", used * wall, step=int(t0))
-        client.set_tag(parent, "lfmodel.study.cpu_basis",
-                       f"{used} cores x wall (the runs do not record their process CPU)")
-    print(f"study {study_id}: {wall / 60:.1f} min wall this invocation", flush=True)
+    with timed(client, parent, study_id, used):
+        store_design(client, parent, phase1)
+        missing = _sweep(study_id, points, backend, jobs, address, experiment)
+        if not missing:
+            phase2 = matched_phase(study_id, phase1, experiment)
+            if phase2:
+                both = {**phase1, **phase2}
+                store_design(client, parent, both)
+                missing = _sweep(study_id, to_points(both, study_id, extra), backend, jobs,
+                                 address, experiment)
     return missing
 
 

@@ -100,3 +100,41 @@ def test_tiny_study_end_to_end(dvc_repo, tmp_path, monkeypatch, capsys):
     again = pd.read_csv(out / "runs.csv")
     assert sorted(again["run_id"]) == sorted(runs["run_id"])
     assert (out / "comparisons.md").exists() and (out / "verdict.md").exists()
+
+
+def test_wall_time_kept_when_killed(tmp_path, monkeypatch):
+    """A study's wall time is logged while it runs, so an invocation killed outright still
+    counts (it used to be logged only at the end); each invocation counts once, by its last
+    value, however many beats it logged."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client, exp_id = get_client("wall")
+    parent = client.create_run(exp_id).info.run_id
+    script = ("import time\nfrom lfmodel import study\nfrom lfmodel.tracking import get_client\n"
+              f"c, _ = get_client('wall')\nwith study.timed(c, {parent!r}, 't', 2, every=0.3):\n"
+              "    print('in', flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline() == "in\n"
+    time.sleep(3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first, cpu, basis = study.cost(client, parent)
+    assert 2 < first < 4, first
+    assert cpu == pytest.approx(2 * first) and basis.startswith("2 cores x wall")
+
+    t0 = time.time()
+    with pytest.raises(KeyboardInterrupt), study.timed(client, parent, "t", 2, every=0.3):
+        time.sleep(1.5)
+        raise KeyboardInterrupt
+    second = time.time() - t0
+    beats = client.get_metric_history(parent, "study.wall_s")
+    assert len(beats) > 6  # several beats per invocation, each counted once:
+    total, _, _ = study.cost(client, parent)
+    assert first + 1.5 <= total <= first + second, (total, first, second)
