@@ -21,7 +21,9 @@ Backends:
          (SQLite store is fine). It runs every entry of DVC's queue, so a queue that holds other
          experiments is refused.
   ray    one Ray task per point in a fresh clone of `origin`: `dvc exp run --pull -n NAME`, then
-         `dvc exp push origin NAME`; a retried task that finds its ref on origin returns it. The
+         `dvc push` and `dvc exp push origin NAME`; a retried task that finds its ref on origin
+         returns it. A point counts as done only with its ref on origin: one whose run finished
+         but whose push failed has its run marked FAILED and runs again on a resume. The
          driver then `dvc exp pull`s every experiment. Needs an MLflow server (lfmodel server).
 """
 
@@ -210,6 +212,9 @@ def check_grid(grid: Grid | Points, sweep_id: str,
         raise SweepError(f"--name {sweep_id!r}: use letters, digits, '_' and '.' (a git ref part)")
     if not grid.axes or any(not v for v in grid.axes.values()):
         raise SweepError("empty grid: give at least one -S KEY=V1,V2 or --seeds")
+    if os.environ.get("LFMODEL_PARAMS"):
+        raise SweepError("LFMODEL_PARAMS is set, but a sweep's experiments read the params.yaml "
+                         "DVC writes (config.params_file refuses it under DVC): unset it")
     raw = load_yaml(params_path.read_text()) if params_path.is_file() else {}
     names: dict[str, dict] = {}
     for point in grid.points():
@@ -528,6 +533,27 @@ def _ray_preflight(address: str | None) -> str:
     return address
 
 
+def origin_exps(origin: str) -> set[str]:
+    """Names of the DVC experiments on origin (refs/exps/.../NAME)."""
+    refs = subprocess.run(["git", "ls-remote", origin, "refs/exps/*"], capture_output=True,
+                          text=True, check=True).stdout.split()
+    return {r.rsplit("/", 1)[-1] for r in refs if r.startswith("refs/exps/")}
+
+
+def fail_unpushed(client: Any, exp_id: str, names: set[str], pushed: set[str]) -> list[str]:
+    """A point whose run is complete but whose DVC experiment never reached origin (its
+    `dvc exp push` failed, or its task died after evaluate) has no record a clone can pull:
+    mark the run FAILED so that it counts as missing and a resume runs the point again."""
+    lost = []
+    for name, runs in child_runs(client, exp_id, names - pushed).items():
+        for r in runs:
+            if run_complete(r):
+                client.set_tag(r.info.run_id, "lfmodel.unpushed", "no DVC experiment on origin")
+                client.set_terminated(r.info.run_id, status="FAILED")
+                lost.append(name)
+    return sorted(set(lost))
+
+
 def run_point(origin: str, commit: str, name: str, sets: list[str], env: dict[str, str]) -> dict:
     """One grid point on a worker: reuse the experiment on origin, else clone, run, push."""
     import ray
@@ -535,9 +561,7 @@ def run_point(origin: str, commit: str, name: str, sets: list[str], env: dict[st
     t0 = time.time()
     os.environ.update(env)
     node = ray.get_runtime_context().get_node_id()
-    refs = subprocess.run(["git", "ls-remote", origin, "refs/exps/*"], capture_output=True,
-                          text=True, check=True).stdout.split()
-    if any(r.endswith("/" + name) for r in refs):
+    if name in origin_exps(origin):
         return {"name": name, "node_id": node, "seconds": time.time() - t0, "reused": True}
     full = _bin_env({**env, "LFMODEL_NODE_ID": node})
     full.pop("DVC_ROOT", None)
@@ -551,9 +575,11 @@ def run_point(origin: str, commit: str, name: str, sets: list[str], env: dict[st
     try:
         def sh(*cmd: str) -> str:
             proc = subprocess.run(cmd, cwd=work, env=full, capture_output=True, text=True)
-            if proc.returncode != 0:
+            if proc.returncode != 0:  # the driver prints the last line: not DVC's footer
+                lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines()
+                         if ln.strip() and "dvc.org/support" not in ln]
                 raise RuntimeError(f"{name}: {' '.join(cmd[:4])} failed: "
-                                   f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+                                   f"{chr(10).join(lines)[-2000:]}")
             return proc.stdout
 
         sh("git", "clone", "-q", "--no-checkout", origin, ".")
@@ -562,6 +588,9 @@ def run_point(origin: str, commit: str, name: str, sets: list[str], env: dict[st
         for s in sets:
             cmd += ["-S", s]
         sh(*cmd)
+        # the data first: `dvc exp push` pushes the ref before the cache, and a ref on origin
+        # is what marks a point done (a retry returns it), so it must come last
+        sh("dvc", "push", "-q")
         sh("dvc", "exp", "push", "origin", name)
         run_id = json.loads((work / "reports/train/run.json").read_text())["run_id"]
     finally:
@@ -595,6 +624,7 @@ def run_ray(sweep_id: str, grid: Grid | Points, address: str | None, experiment:
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     parent = parent_run(client, exp_id, sweep_id, grid, "ray")
     with settled(client, parent):
+        fail_unpushed(client, exp_id, set(names), origin_exps(origin))
         done = {n for n, rs in child_runs(client, exp_id, set(names)).items()
                 if any(run_complete(r) for r in rs)}
         todo = [n for n in names if n not in done]
@@ -629,6 +659,9 @@ def run_ray(sweep_id: str, grid: Grid | Points, address: str | None, experiment:
                     print(f"sweep {sweep_id}: {name} failed: {failed[name]}", file=sys.stderr)
             progress.show(len(done) + len(results), len(failed))
         ray.shutdown()
+        for name in fail_unpushed(client, exp_id, set(names), origin_exps(origin)):
+            print(f"sweep {sweep_id}: {name} finished but its DVC experiment is not on origin: "
+                  "run marked FAILED, a resume runs it again", file=sys.stderr)
         pulled = [n for n in names if n in results or n in done]
         if pulled:
             proc = subprocess.run(["dvc", "exp", "pull", "origin", *pulled], capture_output=True,

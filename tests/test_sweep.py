@@ -48,6 +48,8 @@ def test_bad_inputs_one_line_exit_2(dvc_repo, tmp_path):
     assert "empty grid" in _bad(repo, "--name", "a", env=store)
     assert "empty grid" in _bad(repo, "-S", "lambda_entropy=", env=store)
     assert "--seeds" in _bad(repo, "--seeds", "x-y", env=store)
+    assert "LFMODEL_PARAMS is set" in _bad(repo, "--seeds", "0-1", env={
+        **store, "LFMODEL_PARAMS": str(repo / "params.yaml")})  # every point would refuse it
     assert "-S 'train.lr=[1': not a YAML value (expected ',' or ']'" in _bad(
         repo, "-S", "train.lr=[1", env=store)  # was a yaml traceback
     # a sweep id already used with another grid
@@ -333,12 +335,13 @@ def _cluster_repo(dvc_repo, tmp_path) -> tuple[Path, Path]:
 GRID4 = ["-S", "lambda_entropy=0,0.05", "--seeds", "0-1"]
 
 
-def _check_records(repo: Path, bare: Path, tmp_path: Path, uri: str, sweep_id: str) -> dict:
-    """origin: exactly 4 exp refs; a fresh clone pulls and shows them; MLflow: 4 FINISHED runs
+def _check_records(repo: Path, bare: Path, tmp_path: Path, uri: str, sweep_id: str,
+                   n: int = 4) -> dict:
+    """origin: exactly n exp refs; a fresh clone pulls and shows them; MLflow: n FINISHED runs
     under one parent with DVC's test_loss. Returns {name: run}."""
     refs = [r for r in run(["git", "ls-remote", str(bare), "refs/exps/*"], repo).stdout.split()
             if r.startswith("refs/exps/")]
-    assert len(refs) == 4, refs
+    assert len(refs) == n, refs
     clone = tmp_path / "fresh"
     run(["git", "clone", "-q", str(bare), str(clone)], tmp_path)
     names = sorted(r.rsplit("/", 1)[-1] for r in refs)
@@ -380,6 +383,38 @@ def test_ray_two_nodes(dvc_repo, tmp_path, tracking_server, ray_cluster):
     nodes = {r.data.tags.get("lfmodel.node_id") for r in runs.values()
              if r.info.status == "FINISHED"}
     assert len(nodes) == 2, nodes  # both nodes did work
+
+
+def test_ray_push_fails_then_resumes(dvc_repo, tmp_path, tracking_server, ray_cluster):
+    """A point whose `dvc exp push` fails has a complete MLflow run but no DVC record: the
+    sweep reports it missing (exit 1, its run FAILED) and a resume runs it again. The push is
+    made to fail by a directory where origin's ref file for that point would go."""
+    from mlflow.tracking import MlflowClient
+
+    repo, bare = _cluster_repo(dvc_repo, tmp_path)
+    sha = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    blocker = bare / "refs" / "exps" / sha[:2] / sha[2:] / "rp-s1"
+    blocker.mkdir(parents=True)
+    cmd = [LFMODEL, "sweep", "--seeds", "0-1", "--name", "rp", "--backend", "ray", "--address",
+           ray_cluster["address"]]
+    env = {"MLFLOW_TRACKING_URI": tracking_server["uri"]}
+    proc = run(cmd, repo, env=env, timeout=1200, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "rp-s1 finished but its DVC experiment is not on origin" in proc.stderr, out
+    assert "1 of 2 missing: rp-s1" in proc.stderr, out
+    assert "dvc exp push origin failed: ERROR" in proc.stderr, out  # not DVC's footer
+    client = MlflowClient(tracking_server["uri"])
+    exp = client.get_experiment_by_name("entropy-dynamics")
+    lost = client.search_runs([exp.experiment_id], "tags.`dvc.exp_name` = 'rp-s1'")
+    assert [(r.info.status, r.data.tags.get("lfmodel.unpushed") is not None)
+            for r in lost] == [("FAILED", True)]
+
+    blocker.rmdir()
+    proc = run(cmd, repo, env=env, timeout=1200)
+    assert "1 already complete, submitted 1 Ray tasks" in proc.stdout, proc.stdout + proc.stderr
+    assert "results == grid (2 experiments" in proc.stdout, proc.stdout + proc.stderr
+    _check_records(repo, bare, tmp_path, tracking_server["uri"], "rp", n=2)
 
 
 def _tree(pgid: int) -> list:
