@@ -10,8 +10,8 @@ driver stay free of torch.
 
 The stages read `params.yaml` in the working directory, or the file named by the environment
 variable `LFMODEL_PARAMS` (used by tests and to run a stage by hand against another params
-file). A relative `data.path` is relative to the folder of that params file, both when it is
-validated and when `prepare` reads it (`data_file`).
+file; refused when DVC runs the stage). A relative `data.path` is relative to the folder of
+that params file, both when it is validated and when `prepare` reads it (`data_file`).
 """
 
 from __future__ import annotations
@@ -304,8 +304,14 @@ def flatten(params: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def params_file() -> Path:
-    """The params file the stages read: $LFMODEL_PARAMS if set, else ./params.yaml."""
-    return Path(os.environ.get("LFMODEL_PARAMS", "params.yaml"))
+    """The params file the stages read: $LFMODEL_PARAMS if set, else ./params.yaml. Under DVC
+    (it sets DVC_STAGE) another file is refused: DVC records ./params.yaml, so the run would
+    not be the one its record shows."""
+    other = os.environ.get("LFMODEL_PARAMS")
+    if other and os.environ.get("DVC_STAGE"):
+        raise ParamsError(f"LFMODEL_PARAMS={other} is set, but DVC runs this stage and records "
+                          "./params.yaml: unset LFMODEL_PARAMS (change params with -S)")
+    return Path(other or "params.yaml")
 
 
 def exit_fast(code: int = 0) -> NoReturn:

@@ -16,6 +16,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from conftest import BIN, run
 
 from lfmodel import cli, config, server, sweep
 from lfmodel.config import (
@@ -355,3 +356,17 @@ def test_huge_batch_exits_2_before_train_allocates(tmp_path):
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("params.yaml: 'train.batch_size' = 1000000000 does not fit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_lfmodel_params_refused_under_dvc(dvc_repo, tmp_path):
+    """DVC records ./params.yaml; a stage it runs must not read $LFMODEL_PARAMS instead (the
+    record would show params that did not run). By hand the variable still works."""
+    repo = dvc_repo()
+    other = tmp_path / "other.yaml"
+    other.write_text((repo / "params.yaml").read_text().replace("seed: 0", "seed: 7"))
+    proc = run(["dvc", "repro", "prepare"], repo, env={"LFMODEL_PARAMS": str(other)}, check=False)
+    assert proc.returncode != 0
+    assert f"LFMODEL_PARAMS={other} is set, but DVC runs this stage" in proc.stderr + proc.stdout
+    assert not (repo / "data/prepared").exists()
+    run([str(BIN / "python"), "-m", "stages.prepare"], repo, env={"LFMODEL_PARAMS": str(other)})
+    assert (repo / "data/prepared/meta.json").is_file()
