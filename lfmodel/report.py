@@ -8,9 +8,12 @@ Input `runs`: one row per finished run (lfmodel.study reads them from MLflow):
   LAYER_MEASURES for the lambda sub-study.
 Input `curves` (optional): long table run_id, step, train_loss, val_loss (val_loss NaN between
   evaluations): reports/train/loss.csv and val.csv of each run, for the stability measures.
+Input `diverged` (optional): one row per run that diverged (DIVERGED_COLS). Such a run has no
+  final metrics, so it is out of every mean and pairing, which flatters its arm: every file's
+  header names them and table.md has a diverged_seeds column.
 
-Writes runs.csv, table.md/csv, stability.csv, comparisons.md/csv, lambda.md/csv, verdict.md and
-figures. Every number is a mean over runs listed in runs.csv by MLflow run id, under the parent
+Writes runs.csv, diverged.csv, table.md/csv, stability.csv, comparisons.md/csv, lambda.md/csv,
+verdict.md and figures. Every number is a mean over runs listed in runs.csv by MLflow run id, under the parent
 run(s) named in each file's header. Statistics are lfmodel.stats': each claim is one Holm
 family; "holds" only where the corrected interval excludes 0 on the claimed side.
 """
@@ -47,6 +50,8 @@ METRIC = "excess_loss"
 GROUP = ("target_sparsity", "budget")
 RUN_KEYS = ("run_id", "parent_run_id", "arm", "target_sparsity", "budget", "seed",
             "lambda_entropy", "lambda_balance")
+DIVERGED_COLS = ("run_id", "exp_name", "arm", "target_sparsity", "budget", "seed",
+                 "lambda_entropy", "lambda_balance", "diverged_at_step")
 # Per-MoE-layer measures of the lambda sub-study: column (and MLflow metric) `block<i>.<key>`,
 # the naming evaluate already uses for `block<i>.usage_entropy`. Top expert = argmax of the gate.
 LAYER_MEASURES = {
@@ -113,21 +118,48 @@ def main_runs(runs: pd.DataFrame) -> pd.DataFrame:
                 & (runs["lambda_balance"] == DEFAULTS["train"]["lambda_balance"])]
 
 
-def summary(runs: pd.DataFrame) -> pd.DataFrame:
+def summary(runs: pd.DataFrame, diverged: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per arm x target sparsity x budget: n, mean and seed spread (std) of excess loss, the
-    measured sparsity and the stability measures, and the seeds it lacks (against every seed
-    in the table)."""
-    seeds = set(runs["seed"])
+    measured sparsity and the stability measures, the seeds that diverged, and the seeds it
+    lacks otherwise (against every seed in the table). A group whose every run diverged has
+    a row with n = 0."""
+    diverged = diverged if diverged is not None else pd.DataFrame(columns=list(DIVERGED_COLS))
+    seeds = set(runs["seed"]) | set(diverged["seed"])
+    both = runs.assign(_ok=True) if diverged.empty else pd.concat(
+        [runs.assign(_ok=True), diverged.assign(_ok=False)], ignore_index=True)
     rows = []
-    for key, g in runs.groupby(["arm", *GROUP], dropna=False, sort=True):
+    for key, g in both.groupby(["arm", *GROUP], dropna=False, sort=True):
         row = dict(zip(["arm", *GROUP], key, strict=True))
-        row["n"] = len(g)
+        ok = g[g["_ok"].astype(bool)]
+        row["n"] = len(ok)
         for m in (METRIC, "sparsity", *STABILITY):
-            vals = g[m].astype(float) if m in g else pd.Series(dtype=float)
+            vals = ok[m].astype(float) if m in ok else pd.Series(dtype=float)
             row[f"{m}_mean"], row[f"{m}_std"] = vals.mean(), vals.std(ddof=1)
-        row["missing_seeds"] = " ".join(str(s) for s in sorted(seeds - set(g["seed"])))
+        lost = set(g.loc[~g["_ok"].astype(bool), "seed"].astype(int))
+        row["diverged_seeds"] = " ".join(str(s) for s in sorted(lost))
+        row["missing_seeds"] = " ".join(str(s) for s in sorted(seeds - set(ok["seed"]) - lost))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def divergence_note(diverged: pd.DataFrame | None) -> str:
+    """One line naming the runs that diverged, for every file's header: they are out of
+    every mean and pairing, so the figures of their arm are over the seeds that survived."""
+    if diverged is None or diverged.empty:
+        return ""
+    parts = []
+    for key, g in diverged.groupby(["arm", *GROUP, "lambda_entropy", "lambda_balance"],
+                                   dropna=False, sort=True):
+        arm, target, budget, lam_e, lam_b = key
+        where = arm + ("" if pd.isna(target) else f" at {target:g}") + f", {int(budget)}x"
+        if (lam_e, lam_b) != (DEFAULTS["lambda_entropy"], DEFAULTS["train"]["lambda_balance"]):
+            where += f", lambda_entropy {lam_e:g}, lambda_balance {lam_b:g}"
+        at = ", ".join(f"{int(s)} (step {int(t)})" for s, t in
+                       sorted(zip(g["seed"], g["diverged_at_step"], strict=True)))
+        parts.append(f"{where}: seed {at}")
+    return (f"**{len(diverged)} run(s) diverged** (no final metrics, so out of every mean and "
+            "pairing: their arm's figures are over the seeds that did not diverge, which "
+            "flatters it; diverged.csv): " + "; ".join(parts) + ".\n")
 
 
 # ---------------------------------------------------------------------------- claims
@@ -381,7 +413,7 @@ def figures(runs: pd.DataFrame, out: Path, n_resamples: int) -> None:
 
 def build_report(runs: pd.DataFrame, curves: pd.DataFrame | None = None, out: Path = OUT,
                  wall_s: float | None = None, cpu_s: float | None = None,
-                 n_resamples: int = N_RESAMPLES) -> Path:
+                 n_resamples: int = N_RESAMPLES, diverged: pd.DataFrame | None = None) -> Path:
     """Write reports/study/ (see the module docstring); returns the folder. Checks the table
     before writing anything. The folder is the report's own: its files from an earlier build
     (a figure an older design made) are removed first, so every file in it is from this one."""
@@ -392,13 +424,15 @@ def build_report(runs: pd.DataFrame, curves: pd.DataFrame | None = None, out: Pa
     for stale in out.iterdir():
         if stale.is_file() and stale.suffix in REPORT_SUFFIXES:
             stale.unlink()
-    head = _header(runs, wall_s, cpu_s)
+    diverged = diverged if diverged is not None else pd.DataFrame(columns=list(DIVERGED_COLS))
+    head = _header(runs, wall_s, cpu_s) + divergence_note(diverged)
     order = ["arm", "target_sparsity", "budget", "lambda_entropy", "lambda_balance", "seed"]
     cols = [*RUN_KEYS, *[c for c in runs.columns if c not in RUN_KEYS]]
     runs.sort_values(order)[cols].to_csv(out / "runs.csv", index=False)
+    diverged.sort_values(order)[list(DIVERGED_COLS)].to_csv(out / "diverged.csv", index=False)
 
     main = main_runs(runs)
-    table = summary(main)
+    table = summary(main, main_runs(diverged))
     table.to_csv(out / "table.csv", index=False)
     spread = seed_spread(main, METRIC, ["arm", *GROUP]) if len(main) else pd.DataFrame()
     stab = spread.merge(table[["arm", *GROUP, "loss_spikes_mean", "val_range_last20_mean"]],
@@ -407,7 +441,8 @@ def build_report(runs: pd.DataFrame, curves: pd.DataFrame | None = None, out: Pa
     (out / "table.md").write_text(
         "# Study: arms at each target sparsity and budget\n\n" + head +
         "\nMean and seed spread (std, ddof 1) over seeds; sparsity is measured from the saved "
-        "weights; missing_seeds: seeds other arms have and this one lacks.\n\n" + markdown(table)
+        "weights; diverged_seeds: its runs that diverged (no final metrics); missing_seeds: other "
+        "seeds other arms have and this one lacks.\n\n" + markdown(table)
         + "\n## Stability\n\nSeed-to-seed spread of the final excess loss (std, range), mean "
         "loss spikes per run, mean val-loss range over the last 20 % of steps.\n\n"
         + markdown(stab))

@@ -163,10 +163,13 @@ def _artifact_csv(client: Any, run_id: str, path: str, tmp: str) -> pd.DataFrame
         return None
 
 
-def collect(study_id: str, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """(runs, curves, parent run id): one row per complete child run of the study's parent run
-    whose experiment name is in its design.json (the newest complete run of a name), tagged
-    with its arm / target sparsity / budget on the way (for the UI)."""
+def collect(study_id: str,
+            experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, str, pd.DataFrame]:
+    """(runs, curves, parent run id, diverged): one row per complete child run of the study's
+    parent run whose experiment name is in its design.json (the newest complete run of a
+    name), tagged with its arm / target sparsity / budget on the way (for the UI); and one row
+    per design point without a complete run whose newest run diverged (report.DIVERGED_COLS):
+    a result of its arm, not a missing record."""
     client, exp_id = get_client(experiment)
     parent = find_parent(client, exp_id, study_id)
     if parent is None:
@@ -211,8 +214,24 @@ def collect(study_id: str, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame,
             c = loss[["step", "train_loss"]].merge(val[["step", "val_loss"]], on="step",
                                                    how="outer")
             curves.append(c.assign(run_id=rid))
+    diverged = []
+    for r in kids:  # newest first: a name's newest run decides
+        name = r.data.tags.get("dvc.exp_name")
+        if name not in dmap or name in seen:
+            continue
+        seen.add(name)
+        step = r.data.tags.get("lfmodel.diverged_at_step")
+        if step is not None and r.info.status == "FAILED":
+            d = dmap[name]
+            diverged.append({"run_id": r.info.run_id, "exp_name": name, "arm": d["arm"],
+                             "target_sparsity": _nan(d["target_sparsity"]),
+                             "budget": int(d["budget"]), "seed": int(d["seed"]),
+                             "lambda_entropy": float(d["lambda_entropy"]),
+                             "lambda_balance": float(d["lambda_balance"]),
+                             "diverged_at_step": int(step)})
     return (pd.DataFrame(rows), pd.concat(curves, ignore_index=True) if curves else
-            pd.DataFrame(columns=["run_id", "step", "train_loss", "val_loss"]), parent)
+            pd.DataFrame(columns=["run_id", "step", "train_loss", "val_loss"]), parent,
+            pd.DataFrame(diverged, columns=list(report.DIVERGED_COLS)))
 
 
 def cost(client: Any, parent: str) -> tuple[float | None, float | None, str]:
@@ -272,14 +291,15 @@ def timed(client: Any, parent: str, study_id: str, cores: int | None,
 def write_report(study_id: str, experiment: str, out: Path = OUT,
                  n_resamples: int | None = None) -> Path:
     """reports/study/ from MLflow (report.build_report), plus cost.json."""
-    runs, curves, parent = collect(study_id, experiment)
+    runs, curves, parent, diverged = collect(study_id, experiment)
     if runs.empty:
         raise StudyError(f"study {study_id!r}: no complete runs under parent run {parent}")
     client, _ = get_client(experiment)
     wall, cpu, basis = cost(client, parent)
     kw = {} if n_resamples is None else {"n_resamples": n_resamples}
     try:
-        out = report.build_report(runs, curves, out, wall_s=wall, cpu_s=cpu, **kw)
+        out = report.build_report(runs, curves, out, wall_s=wall, cpu_s=cpu,
+                                  diverged=diverged, **kw)
     except ValueError as err:
         raise StudyError(str(err)) from None
     (Path(out) / "cost.json").write_text(json.dumps(
@@ -304,13 +324,14 @@ def matched_phase(study_id: str, dmap: dict[str, dict], experiment: str) -> dict
     bare = {n: d for n, d in dmap.items() if d["arm"] == "adaptive_bare" and d["budget"] == 1}
     if not bare:
         return {}
-    runs, _, _ = collect(study_id, experiment)
+    runs, _, _, diverged = collect(study_id, experiment)
     done = runs[runs["arm"] == "adaptive_bare"] if len(runs) else runs
-    if len(done) < len(bare):
+    lost = int((diverged["arm"] == "adaptive_bare").sum())
+    if len(done) + lost < len(bare) or done.empty:
         print(f"study {study_id}: matched static waits for every bare-controller run "
-              f"({len(done)} of {len(bare)} complete)", file=sys.stderr)
+              f"({len(done)} of {len(bare)} complete, {lost} diverged)", file=sys.stderr)
         return {}
-    reached = float(done["sparsity"].mean())
+    reached = float(done["sparsity"].mean())  # over the runs that did not diverge
     one = next(iter(bare.values()))["sets"]
     common = {k: v for k, v in one.items() if not k.startswith("surge.")
               and k not in ("train.steps", "seed")}
@@ -353,7 +374,10 @@ def run_study(study_id: str, design: arms.Design | None, backend: str = "local",
     with timed(client, parent, study_id, used):
         store_design(client, parent, phase1)
         missing = _sweep(study_id, points, backend, jobs, address, experiment)
-        if not missing:
+        # a diverged point is its arm's result (a rerun diverges again): phase 2 may go on
+        stuck = set(missing) - set(collect(study_id, experiment)[3]["exp_name"]) if missing \
+            else set()
+        if not stuck:
             phase2 = matched_phase(study_id, phase1, experiment)
             if phase2:
                 both = {**phase1, **phase2}

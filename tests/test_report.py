@@ -215,3 +215,34 @@ def test_figure_intervals_finite_and_named(n_seeds, tmp_path, monkeypatch):
     assert note == (report.RANGE_NOTE if n_seeds == 3 else "")
     for ax in figs[0].axes:
         assert np.isfinite(ax.get_ylim()).all()
+
+
+def test_diverged_runs_named_not_dropped_silently(tmp_path):
+    """seed_dsd diverged on seeds 1 and 4: those runs have no metrics, so its mean is over the
+    four left; the report must say so in every file's header and in table.csv, not list the
+    seeds as merely missing. A group whose every run diverged still gets a row (n = 0)."""
+    runs = synthetic_runs(drop=(("seed_dsd", 1), ("seed_dsd", 4), *(("rigl", s) for s in SEEDS)))
+    diverged = pd.DataFrame(
+        [{"run_id": f"d{seed}", "exp_name": f"x-{arm}-s{seed}", "arm": arm,
+          "target_sparsity": 0.8, "budget": 1, "seed": seed, "lambda_entropy": 0.01,
+          "lambda_balance": 0.0, "diverged_at_step": 100 + seed}
+         for arm, seeds in (("seed_dsd", (1, 4)), ("rigl", SEEDS)) for seed in seeds],
+        columns=list(report.DIVERGED_COLS))
+    out = tmp_path / "s"
+    report.build_report(runs, out=out, n_resamples=500, diverged=diverged)
+    table = pd.read_csv(out / "table.csv", dtype={"diverged_seeds": str, "missing_seeds": str})
+    row = table[(table["arm"] == "seed_dsd") & (table["target_sparsity"] == 0.8)].iloc[0]
+    assert row["n"] == 4 and row["diverged_seeds"] == "1 4" and pd.isna(row["missing_seeds"])
+    rigl = table[table["arm"] == "rigl"].iloc[0]
+    assert rigl["n"] == 0 and rigl["diverged_seeds"] == " ".join(map(str, SEEDS))
+    assert len(pd.read_csv(out / "diverged.csv")) == len(diverged)
+    for f in ("table.md", "comparisons.md", "verdict.md", "lambda.md"):
+        text = (out / f).read_text()
+        assert "**8 run(s) diverged**" in text, f
+        assert "seed_dsd at 0.8, 1x: seed 1 (step 101), 4 (step 104)" in text, f
+
+
+def test_no_divergence_no_note(built):
+    _, out, _ = built
+    assert "diverged" not in (out / "verdict.md").read_text()
+    assert list(pd.read_csv(out / "diverged.csv").columns) == list(report.DIVERGED_COLS)

@@ -101,6 +101,29 @@ def test_tiny_study_end_to_end(dvc_repo, tmp_path, monkeypatch, capsys):
     assert sorted(again["run_id"]) == sorted(runs["run_id"])
     assert (out / "comparisons.md").exists() and (out / "verdict.md").exists()
 
+    # a point that diverged: its complete run deleted, a real train under the parent in its
+    # place with the NaN fault. The report names it as diverged, not as a missing seed.
+    import os
+    import subprocess
+    import sys
+
+    name = "tst-static-p0.5-b1x-s2"
+    client.delete_run(runs.loc[runs["exp_name"] == name, "run_id"].item())
+    env = {**os.environ, "PYTHONPATH": str(repo), "DVC_EXP_NAME": name, "LFMODEL_SWEEP_ID": "tst",
+           "LFMODEL_PARENT_RUN_ID": parent, "LFMODEL_FAULT_NAN_AT_STEP": "3"}
+    for stage in ("prepare", "train"):
+        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "non-finite" in proc.stderr, proc.stderr
+    study.main(["--study-id", "tst", "--report-only"])
+    table = pd.read_csv(out / "table.csv", dtype=str)
+    static = table[table["arm"] == "static"].iloc[0]
+    assert (static["n"], static["diverged_seeds"]) == ("2", "2"), static
+    assert pd.isna(static["missing_seeds"])
+    verdict = (out / "verdict.md").read_text()
+    assert "**1 run(s) diverged**" in verdict and "static at 0.5, 1x: seed 2 (step 3)" in verdict
+    assert len(pd.read_csv(out / "runs.csv")) == 5
+
 
 def test_wall_time_kept_when_killed(tmp_path, monkeypatch):
     """A study's wall time is logged while it runs, so an invocation killed outright still
