@@ -13,8 +13,8 @@ Input `diverged` (optional): one row per run that diverged (DIVERGED_COLS). Such
   header names them and table.md has a diverged_seeds column.
 
 Writes runs.csv, diverged.csv, table.md/csv, stability.csv, comparisons.md/csv, lambda.md/csv,
-verdict.md and figures. Every number is a mean over runs listed in runs.csv by MLflow run id, under the parent
-run(s) named in each file's header. Statistics are lfmodel.stats': each claim is one Holm
+verdict.md and figures. Every number is a mean over runs listed in runs.csv by MLflow run id,
+under the parent run(s) named in each file's header. Statistics are lfmodel.stats': each claim is one Holm
 family; "holds" only where the corrected interval excludes 0 on the claimed side.
 """
 

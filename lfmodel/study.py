@@ -374,7 +374,8 @@ def run_study(study_id: str, design: arms.Design | None, backend: str = "local",
     with timed(client, parent, study_id, used):
         store_design(client, parent, phase1)
         missing = _sweep(study_id, points, backend, jobs, address, experiment)
-        # a diverged point is its arm's result (a rerun diverges again): phase 2 may go on
+        # a diverged point is its arm's result, not a lost record: phase 2 goes on (its sweep
+        # of both phases retries the point, which resumes from its checkpoint and stops there)
         stuck = set(missing) - set(collect(study_id, experiment)[3]["exp_name"]) if missing \
             else set()
         if not stuck:
