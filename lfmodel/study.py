@@ -375,7 +375,7 @@ def run_study(study_id: str, design: arms.Design | None, backend: str = "local",
         store_design(client, parent, phase1)
         missing = _sweep(study_id, points, backend, jobs, address, experiment)
         # a diverged point is its arm's result, not a lost record: phase 2 goes on (its sweep
-        # of both phases retries the point: with the same params it diverges at the same step)
+        # of both phases retries the point; same params, device and threads: the same divergence)
         stuck = set(missing) - set(collect(study_id, experiment)[3]["exp_name"]) if missing \
             else set()
         if not stuck:
