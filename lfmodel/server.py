@@ -197,11 +197,11 @@ def start_postgres(data: Path, host: str = "127.0.0.1", *,
             raise ServerError(f"initdb failed: {init.stderr.strip().splitlines()[-1:]}")
     pid_file = pgdata / "postmaster.pid"
     if pid_file.exists():
-        first = pid_file.read_text(errors="replace").split()[:1]
-        if not (first and first[0].isdigit()):  # PostgreSQL itself refuses such a lock file
+        first = (pid_file.read_text(errors="replace").split() or [""])[0]
+        pid = int(first) if first.isascii() and first.isdigit() else 0
+        if not 0 < pid < 2**22:  # Linux's pid_max; PostgreSQL itself refuses such a lock file
             raise ServerError(f"{pid_file} has no pid in it: if no PostgreSQL uses {pgdata}, "
                               "delete the file")
-        pid = int(first[0])
         if pid_alive(pid):
             raise ServerError(f"PostgreSQL is already running on {pgdata} (pid {pid}): is another "
                               f"lfmodel server using this --data? (if not, delete {pid_file})")

@@ -162,7 +162,7 @@ def test_pid_file_of_another_users_live_process_means_running(tmp_path, monkeypa
     assert started == [] and (pgdata / "postmaster.pid").exists()
 
 
-@pytest.mark.parametrize("content", ["", "garbage\n"])
+@pytest.mark.parametrize("content", ["", "garbage\n", "0\n", "99999999999999999999\n", "²\n"])
 def test_unreadable_pid_file_one_line(content, tmp_path):
     """An empty or corrupt postmaster.pid (a crash mid-write) used to end in a traceback."""
     pgdata = tmp_path / "d" / "pg"
