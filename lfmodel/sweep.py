@@ -406,9 +406,11 @@ def _tally(client: Any, exp_id: str, names: set[str], since: float) -> tuple[int
 
 # ---------------------------------------------------------------------------- local backend
 
-def run_local(sweep_id: str, grid: Grid | Points, jobs: int = 2, experiment: str | None = None) -> list[str]:
+def run_local(sweep_id: str, grid: Grid | Points, jobs: int = 2, experiment: str | None = None,
+              skip: frozenset[str] = frozenset()) -> list[str]:
     """Queue the points with neither a complete run nor an entry in DVC's queue, run the queue
-    with -j jobs; names still missing."""
+    with -j jobs; names still missing. `skip`: names not to run (the study's diverged points);
+    they count as missing."""
     names = check_grid(grid, sweep_id)
     experiment = experiment or load_params()["tracking"]["experiment"]
     client, exp_id = get_client(experiment)
@@ -417,11 +419,12 @@ def run_local(sweep_id: str, grid: Grid | Points, jobs: int = 2, experiment: str
     with settled(client, parent):
         done = {n for n, rs in child_runs(client, exp_id, set(names)).items()
                 if any(run_complete(r) for r in rs)}
-        todo = [n for n in names if n not in done and n not in waiting]
+        todo = [n for n in names if n not in done and n not in waiting and n not in skip]
         env = _bin_env({"LFMODEL_SWEEP_ID": sweep_id, "LFMODEL_PARENT_RUN_ID": parent})
         queue(todo, {n: grid.sets(names[n]) for n in todo})
         print(f"sweep {sweep_id}: {len(names)} grid points, {len(done)} already complete, queued "
               f"{len(todo)}" + (f", {len(waiting)} already in DVC's queue" if waiting else "") +
+              (f", {len(skip - done)} skipped" if skip - done else "") +
               f"; running with -j {jobs} (MLflow parent run {parent} in {tracking_uri()})",
               flush=True)
         progress = Progress(sweep_id, len(names), len(done))
@@ -535,19 +538,24 @@ def _ray_preflight(address: str | None) -> str:
 
 def origin_exps(origin: str) -> set[str]:
     """Names of the DVC experiments on origin (refs/exps/.../NAME)."""
-    refs = subprocess.run(["git", "ls-remote", origin, "refs/exps/*"], capture_output=True,
-                          text=True, check=True).stdout.split()
-    return {r.rsplit("/", 1)[-1] for r in refs if r.startswith("refs/exps/")}
+    proc = subprocess.run(["git", "ls-remote", origin, "refs/exps/*"], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SweepError(f"git ls-remote {origin} failed: "
+                         f"{proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+    return {r.rsplit("/", 1)[-1] for r in proc.stdout.split() if r.startswith("refs/exps/")}
 
 
 def fail_unpushed(client: Any, exp_id: str, names: set[str], pushed: set[str]) -> list[str]:
     """A point whose run is complete but whose DVC experiment never reached origin (its
     `dvc exp push` failed, or its task died after evaluate) has no record a clone can pull:
-    mark the run FAILED so that it counts as missing and a resume runs the point again."""
+    mark the run FAILED so that it counts as missing and a resume runs the point again. Only
+    runs made on Ray (tag lfmodel.node_id): a local run of a sweep resumed on Ray never had
+    its ref on origin and is still a result."""
     lost = []
     for name, runs in child_runs(client, exp_id, names - pushed).items():
         for r in runs:
-            if run_complete(r):
+            if run_complete(r) and r.data.tags.get("lfmodel.node_id"):
                 client.set_tag(r.info.run_id, "lfmodel.unpushed", "no DVC experiment on origin")
                 client.set_terminated(r.info.run_id, status="FAILED")
                 lost.append(name)
@@ -600,8 +608,9 @@ def run_point(origin: str, commit: str, name: str, sets: list[str], env: dict[st
 
 
 def run_ray(sweep_id: str, grid: Grid | Points, address: str | None, experiment: str | None = None,
-            max_retries: int = 3) -> list[str]:
-    """Push, one Ray task per point, pull the experiments back; names still missing."""
+            max_retries: int = 3, skip: frozenset[str] = frozenset()) -> list[str]:
+    """Push, one Ray task per point, pull the experiments back; names still missing. `skip`
+    as for run_local."""
     names = check_grid(grid, sweep_id)
     address = _ray_preflight(address)
     params = load_params()
@@ -627,7 +636,7 @@ def run_ray(sweep_id: str, grid: Grid | Points, address: str | None, experiment:
         fail_unpushed(client, exp_id, set(names), origin_exps(origin))
         done = {n for n, rs in child_runs(client, exp_id, set(names)).items()
                 if any(run_complete(r) for r in rs)}
-        todo = [n for n in names if n not in done]
+        todo = [n for n in names if n not in done and n not in skip]
         env = {"MLFLOW_TRACKING_URI": tracking_uri(), "LFMODEL_SWEEP_ID": sweep_id,
                "LFMODEL_PARENT_RUN_ID": parent, "LFMODEL_EXPERIMENT": experiment}
         task = ray.remote(run_point)
@@ -644,7 +653,9 @@ def run_ray(sweep_id: str, grid: Grid | Points, address: str | None, experiment:
                                                                grid.sets(names[n]), env): n
                    for n in todo}
         print(f"sweep {sweep_id}: {len(names)} grid points, {len(done)} already complete, submitted "
-              f"{len(todo)} Ray tasks to {address} (MLflow parent run {parent})", flush=True)
+              f"{len(todo)} Ray tasks to {address}" + (f", {len(skip - done)} skipped"
+                                                       if skip - done else "") +
+              f" (MLflow parent run {parent})", flush=True)
         progress = Progress(sweep_id, len(names), len(done))
         results: dict[str, dict] = {}
         failed: dict[str, str] = {}
@@ -659,7 +670,13 @@ def run_ray(sweep_id: str, grid: Grid | Points, address: str | None, experiment:
                     print(f"sweep {sweep_id}: {name} failed: {failed[name]}", file=sys.stderr)
             progress.show(len(done) + len(results), len(failed))
         ray.shutdown()
-        for name in fail_unpushed(client, exp_id, set(names), origin_exps(origin)):
+        try:
+            pushed = origin_exps(origin)
+        except SweepError as err:  # the results are in MLflow: summarize them anyway
+            print(f"sweep {sweep_id}: not checked which experiments reached origin: {err}",
+                  file=sys.stderr)
+            pushed = set(names)
+        for name in fail_unpushed(client, exp_id, set(names), pushed):
             print(f"sweep {sweep_id}: {name} finished but its DVC experiment is not on origin: "
                   "run marked FAILED, a resume runs it again", file=sys.stderr)
         pulled = [n for n in names if n in results or n in done]
