@@ -214,24 +214,33 @@ def collect(study_id: str,
             c = loss[["step", "train_loss"]].merge(val[["step", "val_loss"]], on="step",
                                                    how="outer")
             curves.append(c.assign(run_id=rid))
-    diverged = []
-    for r in kids:  # newest first: a name's newest run decides
+    return (pd.DataFrame(rows), pd.concat(curves, ignore_index=True) if curves else
+            pd.DataFrame(columns=["run_id", "step", "train_loss", "val_loss"]), parent,
+            diverged_points(kids, dmap))
+
+
+def diverged_points(kids: list[Any], dmap: dict[str, dict]) -> pd.DataFrame:
+    """The design points without a complete run whose newest run diverged (FAILED with tag
+    lfmodel.diverged_at_step), one row each (report.DIVERGED_COLS). Such a point is a result
+    of its arm, and is not run again (same params, device and threads: the same divergence);
+    a new study id runs it afresh."""
+    done = {r.data.tags.get("dvc.exp_name") for r in kids if run_complete(r)}
+    rows, seen = [], set()
+    for r in sorted(kids, key=lambda r: r.info.start_time or 0, reverse=True):
         name = r.data.tags.get("dvc.exp_name")
-        if name not in dmap or name in seen:
+        if name not in dmap or name in done or name in seen:
             continue
-        seen.add(name)
+        seen.add(name)  # the newest run of a name decides
         step = r.data.tags.get("lfmodel.diverged_at_step")
         if step is not None and r.info.status == "FAILED":
             d = dmap[name]
-            diverged.append({"run_id": r.info.run_id, "exp_name": name, "arm": d["arm"],
-                             "target_sparsity": _nan(d["target_sparsity"]),
-                             "budget": int(d["budget"]), "seed": int(d["seed"]),
-                             "lambda_entropy": float(d["lambda_entropy"]),
-                             "lambda_balance": float(d["lambda_balance"]),
-                             "diverged_at_step": int(step)})
-    return (pd.DataFrame(rows), pd.concat(curves, ignore_index=True) if curves else
-            pd.DataFrame(columns=["run_id", "step", "train_loss", "val_loss"]), parent,
-            pd.DataFrame(diverged, columns=list(report.DIVERGED_COLS)))
+            rows.append({"run_id": r.info.run_id, "exp_name": name, "arm": d["arm"],
+                         "target_sparsity": _nan(d["target_sparsity"]),
+                         "budget": int(d["budget"]), "seed": int(d["seed"]),
+                         "lambda_entropy": float(d["lambda_entropy"]),
+                         "lambda_balance": float(d["lambda_balance"]),
+                         "diverged_at_step": int(step)})
+    return pd.DataFrame(rows, columns=list(report.DIVERGED_COLS))
 
 
 def cost(client: Any, parent: str) -> tuple[float | None, float | None, str]:
@@ -279,8 +288,10 @@ def timed(client: Any, parent: str, study_id: str, cores: int | None,
         yield
     finally:
         stop.set()
-        thread.join()
+        thread.join(timeout=10)  # a beat stuck in MLflow's retries: the store is not answering
         try:
+            if thread.is_alive():
+                raise RuntimeError("the tracking store does not answer")
             log()
         except Exception as err:  # noqa: BLE001 - the study's own error is what matters
             print(f"study {study_id}: wall time not logged: {err}", file=sys.stderr)
@@ -311,10 +322,19 @@ def write_report(study_id: str, experiment: str, out: Path = OUT,
 # ---------------------------------------------------------------------------- running
 
 def _sweep(study_id: str, points: Points, backend: str, jobs: int, address: str | None,
-           experiment: str) -> list[str]:
+           experiment: str, parent: str, dmap: dict[str, dict]) -> list[str]:
+    """One sweep of these points; the ones that diverged before are not run again."""
+    client, exp_id = get_client(experiment)
+    kids = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+                              max_results=50000)
+    lost = diverged_points(kids, dmap)
+    if len(lost):
+        print(f"study {study_id}: {len(lost)} point(s) diverged before and are not run again "
+              f"(their arm's result, in diverged.csv): {', '.join(lost['exp_name'])}", flush=True)
+    skip = frozenset(lost["exp_name"])
     if backend == "ray":
-        return run_ray(study_id, points, address, experiment)
-    return run_local(study_id, points, jobs, experiment)
+        return run_ray(study_id, points, address, experiment, skip=skip)
+    return run_local(study_id, points, jobs, experiment, skip=skip)
 
 
 def matched_phase(study_id: str, dmap: dict[str, dict], experiment: str) -> dict[str, dict]:
@@ -327,7 +347,11 @@ def matched_phase(study_id: str, dmap: dict[str, dict], experiment: str) -> dict
     runs, _, _, diverged = collect(study_id, experiment)
     done = runs[runs["arm"] == "adaptive_bare"] if len(runs) else runs
     lost = int((diverged["arm"] == "adaptive_bare").sum())
-    if len(done) + lost < len(bare) or done.empty:
+    if done.empty and lost:
+        print(f"study {study_id}: every bare-controller run diverged ({lost} of {len(bare)}): "
+              "no matched static", file=sys.stderr)
+        return {}
+    if len(done) + lost < len(bare):
         print(f"study {study_id}: matched static waits for every bare-controller run "
               f"({len(done)} of {len(bare)} complete, {lost} diverged)", file=sys.stderr)
         return {}
@@ -373,18 +397,17 @@ def run_study(study_id: str, design: arms.Design | None, backend: str = "local",
     used = min(jobs, os.cpu_count() or 1) if backend == "local" else cores
     with timed(client, parent, study_id, used):
         store_design(client, parent, phase1)
-        missing = _sweep(study_id, points, backend, jobs, address, experiment)
-        # a diverged point is its arm's result, not a lost record: phase 2 goes on (its sweep
-        # of both phases retries the point; same params, device and threads: the same divergence)
-        stuck = set(missing) - set(collect(study_id, experiment)[3]["exp_name"]) if missing \
-            else set()
-        if not stuck:
+        missing = _sweep(study_id, points, backend, jobs, address, experiment, parent, phase1)
+        # a diverged point is its arm's result, not a lost record: phase 2 goes on without it
+        kids = client.search_runs([exp_id], max_results=50000,
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+        if not set(missing) - set(diverged_points(kids, phase1)["exp_name"]):
             phase2 = matched_phase(study_id, phase1, experiment)
             if phase2:
                 both = {**phase1, **phase2}
                 store_design(client, parent, both)
                 missing = _sweep(study_id, to_points(both, study_id, extra), backend, jobs,
-                                 address, experiment)
+                                 address, experiment, parent, both)
     return missing
 
 

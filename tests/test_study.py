@@ -124,6 +124,15 @@ def test_tiny_study_end_to_end(dvc_repo, tmp_path, monkeypatch, capsys):
     assert "**1 run(s) diverged**" in verdict and "static at 0.5, 1x: seed 2 (step 3)" in verdict
     assert len(pd.read_csv(out / "runs.csv")) == 5
 
+    # a resume does not run the diverged point again: it is the arm's result, still missing
+    capsys.readouterr()
+    assert study.run_study("tst", None, jobs=2, experiment=EXP, extra=extra) == [name]
+    said = capsys.readouterr().out
+    assert f"1 point(s) diverged before and are not run again (their arm's result, in " \
+           f"diverged.csv): {name}" in said, said
+    assert "5 already complete, queued 0, 1 skipped" in said, said
+    assert len(client.search_runs([exp_id], f"tags.`dvc.exp_name` = '{name}'")) == 1
+
 
 def test_wall_time_kept_when_killed(tmp_path, monkeypatch):
     """A study's wall time is logged while it runs, so an invocation killed outright still
