@@ -163,6 +163,12 @@ def _artifact_csv(client: Any, run_id: str, path: str, tmp: str) -> pd.DataFrame
         return None
 
 
+def children(client: Any, exp_id: str, parent: str) -> list[Any]:
+    """Every child run of the study's parent run, newest first."""
+    return client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+                              max_results=50000, order_by=["attributes.start_time DESC"])
+
+
 def collect(study_id: str,
             experiment: str) -> tuple[pd.DataFrame, pd.DataFrame, str, pd.DataFrame]:
     """(runs, curves, parent run id, diverged): one row per complete child run of the study's
@@ -175,8 +181,7 @@ def collect(study_id: str,
     if parent is None:
         raise StudyError(f"no MLflow parent run for study {study_id!r} in {tracking_uri()}")
     dmap = stored_design(client, parent)
-    kids = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
-                              max_results=50000, order_by=["attributes.start_time DESC"])
+    kids = children(client, exp_id, parent)
     rows, curves, seen = [], [], set()
     with tempfile.TemporaryDirectory() as tmp:
         for r in kids:
@@ -226,7 +231,7 @@ def diverged_points(kids: list[Any], dmap: dict[str, dict]) -> pd.DataFrame:
     a new study id runs it afresh."""
     done = {r.data.tags.get("dvc.exp_name") for r in kids if run_complete(r)}
     rows, seen = [], set()
-    for r in sorted(kids, key=lambda r: r.info.start_time or 0, reverse=True):
+    for r in kids:  # newest first (children)
         name = r.data.tags.get("dvc.exp_name")
         if name not in dmap or name in done or name in seen:
             continue
@@ -322,12 +327,8 @@ def write_report(study_id: str, experiment: str, out: Path = OUT,
 # ---------------------------------------------------------------------------- running
 
 def _sweep(study_id: str, points: Points, backend: str, jobs: int, address: str | None,
-           experiment: str, parent: str, dmap: dict[str, dict]) -> list[str]:
-    """One sweep of these points; the ones that diverged before are not run again."""
-    client, exp_id = get_client(experiment)
-    kids = client.search_runs([exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
-                              max_results=50000)
-    lost = diverged_points(kids, dmap)
+           experiment: str, lost: pd.DataFrame) -> list[str]:
+    """One sweep of these points; the `lost` ones (diverged_points) are not run again."""
     if len(lost):
         print(f"study {study_id}: {len(lost)} point(s) diverged before and are not run again "
               f"(their arm's result, in diverged.csv): {', '.join(lost['exp_name'])}", flush=True)
@@ -397,17 +398,18 @@ def run_study(study_id: str, design: arms.Design | None, backend: str = "local",
     used = min(jobs, os.cpu_count() or 1) if backend == "local" else cores
     with timed(client, parent, study_id, used):
         store_design(client, parent, phase1)
-        missing = _sweep(study_id, points, backend, jobs, address, experiment, parent, phase1)
+        missing = _sweep(study_id, points, backend, jobs, address, experiment,
+                         diverged_points(children(client, exp_id, parent), phase1))
         # a diverged point is its arm's result, not a lost record: phase 2 goes on without it
-        kids = client.search_runs([exp_id], max_results=50000,
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
-        if not set(missing) - set(diverged_points(kids, phase1)["exp_name"]):
+        lost = diverged_points(children(client, exp_id, parent), phase1)
+        if not set(missing) - set(lost["exp_name"]):
             phase2 = matched_phase(study_id, phase1, experiment)
             if phase2:
                 both = {**phase1, **phase2}
                 store_design(client, parent, both)
                 missing = _sweep(study_id, to_points(both, study_id, extra), backend, jobs,
-                                 address, experiment, parent, both)
+                                 address, experiment,
+                                 diverged_points(children(client, exp_id, parent), both))
     return missing
 
 
