@@ -401,15 +401,14 @@ def run_study(study_id: str, design: arms.Design | None, backend: str = "local",
         missing = _sweep(study_id, points, backend, jobs, address, experiment,
                          diverged_points(children(client, exp_id, parent), phase1))
         # a diverged point is its arm's result, not a lost record: phase 2 goes on without it
-        lost = diverged_points(children(client, exp_id, parent), phase1)
-        if not set(missing) - set(lost["exp_name"]):
+        kids = children(client, exp_id, parent)  # no run starts between here and phase 2
+        if not set(missing) - set(diverged_points(kids, phase1)["exp_name"]):
             phase2 = matched_phase(study_id, phase1, experiment)
             if phase2:
                 both = {**phase1, **phase2}
                 store_design(client, parent, both)
                 missing = _sweep(study_id, to_points(both, study_id, extra), backend, jobs,
-                                 address, experiment,
-                                 diverged_points(children(client, exp_id, parent), both))
+                                 address, experiment, diverged_points(kids, both))
     return missing
 
 
