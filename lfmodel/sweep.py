@@ -44,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -447,6 +447,13 @@ def run_local(sweep_id: str, grid: Grid | Points, jobs: int = 2, experiment: str
             finally:  # stopped early: no orphan follower (DVC's workers go on, `dvc queue status`)
                 if proc.poll() is None:
                     proc.terminate()
+            # DVC's queue reports success for an experiment it failed to save (seen with its
+            # ref's path blocked); only runs this driver's queue started are judged here
+            for name in fail_unsaved(client, exp_id, set(names), local_exps(),
+                                     "in this repository", lambda r: r.info.start_time >= t0 * 1000
+                                     and not _on_ray(r)):
+                print(f"sweep {sweep_id}: {name} finished but DVC did not save its experiment: "
+                      "run marked FAILED, a resume runs it again", file=sys.stderr)
         progress.show(*_tally(client, exp_id, set(names), t0))
         missing = summarize(client, exp_id, parent, sweep_id, names)
     _report_missing(sweep_id, names, missing)
@@ -536,6 +543,10 @@ def _ray_preflight(address: str | None) -> str:
     return address
 
 
+def _exp_names(refs: str) -> set[str]:
+    return {r.rsplit("/", 1)[-1] for r in refs.split() if r.startswith("refs/exps/")}
+
+
 def origin_exps(origin: str) -> set[str]:
     """Names of the DVC experiments on origin (refs/exps/.../NAME)."""
     proc = subprocess.run(["git", "ls-remote", origin, "refs/exps/*"], capture_output=True,
@@ -543,23 +554,39 @@ def origin_exps(origin: str) -> set[str]:
     if proc.returncode != 0:
         raise SweepError(f"git ls-remote {origin} failed: "
                          f"{proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
-    return {r.rsplit("/", 1)[-1] for r in proc.stdout.split() if r.startswith("refs/exps/")}
+    return _exp_names(proc.stdout)
 
 
-def fail_unpushed(client: Any, exp_id: str, names: set[str], pushed: set[str]) -> list[str]:
-    """A point whose run is complete but whose DVC experiment never reached origin (its
-    `dvc exp push` failed, or its task died after evaluate) has no record a clone can pull:
-    mark the run FAILED so that it counts as missing and a resume runs the point again. Only
-    runs made on Ray (tag lfmodel.node_id): a local run of a sweep resumed on Ray never had
-    its ref on origin and is still a result."""
+def local_exps() -> set[str]:
+    """Names of the DVC experiments in this repository."""
+    proc = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SweepError(f"git for-each-ref failed: {proc.stderr.strip()}")
+    return _exp_names(proc.stdout)
+
+
+def fail_unsaved(client: Any, exp_id: str, names: set[str], saved: set[str], where: str,
+                 judged: Callable[[Any], bool]) -> list[str]:
+    """A point whose run is complete but whose DVC experiment was never saved (`where`: its
+    `dvc exp push` failed, its task died after evaluate, DVC's queue failed to save it) has
+    no record that `dvc exp show` or a clone can find: mark the run FAILED (tag
+    lfmodel.unsaved) so that it counts as missing and a resume runs the point again.
+    `judged`: the runs this check may judge (a run made elsewhere was saved elsewhere)."""
     lost = []
-    for name, runs in child_runs(client, exp_id, names - pushed).items():
+    for name, runs in child_runs(client, exp_id, names - saved).items():
         for r in runs:
-            if run_complete(r) and r.data.tags.get("lfmodel.node_id"):
-                client.set_tag(r.info.run_id, "lfmodel.unpushed", "no DVC experiment on origin")
+            if run_complete(r) and judged(r):
+                client.set_tag(r.info.run_id, "lfmodel.unsaved", f"no DVC experiment {where}")
                 client.set_terminated(r.info.run_id, status="FAILED")
                 lost.append(name)
     return sorted(set(lost))
+
+
+def _on_ray(run: Any) -> bool:
+    """Made by a Ray task: its record is its ref on origin. A local run of a sweep resumed on
+    Ray never had its ref on origin and is still a result."""
+    return bool(run.data.tags.get("lfmodel.node_id"))
 
 
 def run_point(origin: str, commit: str, name: str, sets: list[str], env: dict[str, str]) -> dict:
@@ -633,7 +660,7 @@ def run_ray(sweep_id: str, grid: Grid | Points, address: str | None, experiment:
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     parent = parent_run(client, exp_id, sweep_id, grid, "ray")
     with settled(client, parent):
-        fail_unpushed(client, exp_id, set(names), origin_exps(origin))
+        fail_unsaved(client, exp_id, set(names), origin_exps(origin), "on origin", _on_ray)
         done = {n for n, rs in child_runs(client, exp_id, set(names)).items()
                 if any(run_complete(r) for r in rs)}
         todo = [n for n in names if n not in done and n not in skip]
@@ -676,7 +703,7 @@ def run_ray(sweep_id: str, grid: Grid | Points, address: str | None, experiment:
             print(f"sweep {sweep_id}: not checked which experiments reached origin: {err}",
                   file=sys.stderr)
             pushed = set(names)
-        for name in fail_unpushed(client, exp_id, set(names), pushed):
+        for name in fail_unsaved(client, exp_id, set(names), pushed, "on origin", _on_ray):
             print(f"sweep {sweep_id}: {name} finished but its DVC experiment is not on origin: "
                   "run marked FAILED, a resume runs it again", file=sys.stderr)
         pulled = [n for n in names if n in results or n in done]
