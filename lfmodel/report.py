@@ -14,15 +14,17 @@ Input `diverged` (optional): one row per run that diverged (DIVERGED_COLS). Such
 
 Writes runs.csv, diverged.csv, table.md/csv, stability.csv, comparisons.md/csv, lambda.md/csv,
 verdict.md and figures. Every number is a mean over runs listed in runs.csv by MLflow run id,
-under the parent run(s) named in each file's header. Statistics are lfmodel.stats': each claim is one Holm
-family; "holds" only where the corrected interval excludes 0 on the claimed side.
+under the parent run(s) named in each file's header. Statistics are lfmodel.stats': the
+comparisons of one seed claim are one Holm family (DESIGN.md: "Holm across the comparisons of
+one claim"); "holds" only where the corrected percentile-bootstrap interval and the corrected
+t-interval both exclude 0 on the claimed side.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
@@ -33,10 +35,12 @@ from lfmodel.arms import BASELINES, SPARSITIES, UNIT_STEPS
 from lfmodel.config import DEFAULTS
 from lfmodel.evaluation import DEAD_SHARE
 from lfmodel.stats import (
+    CORRECTED,
     N_RESAMPLES,
-    compare_arms,
+    holm_family,
     loss_spikes,
     paired_bootstrap,
+    paired_rows,
     seed_spread,
     val_range_last20,
 )
@@ -167,27 +171,28 @@ def divergence_note(diverged: pd.DataFrame | None) -> str:
 @dataclass(frozen=True)
 class Claim:
     key: str
-    seed_claim: str  # the seed document's claim this tests
+    seed_claim: str  # the seed document's claim this tests: one Holm family with the others
     text: str        # what is compared
-    table: pd.DataFrame  # compare_arms' rows (one Holm family), or empty
+    table: pd.DataFrame  # its comparisons, corrected within the seed claim's family, or empty
     note: str = ""
 
 
 def _versus_baselines(df: pd.DataFrame, arm: str, metric: str, n_resamples: int,
                       group_on: Sequence[str] = GROUP) -> pd.DataFrame:
-    return compare_arms(df, metric, "arm", {arm: list(BASELINES)}, ("seed",), group_on,
-                        n_resamples=n_resamples)
+    return paired_rows(df, metric, "arm", {arm: list(BASELINES)}, ("seed",), group_on,
+                       n_resamples=n_resamples)
 
 
 def _long(df: pd.DataFrame, metrics: Mapping[str, str]) -> pd.DataFrame:
-    """One row per (run, measure): several measures in one compare_arms call = one family."""
+    """One row per (run, measure): several measures in one paired_rows call."""
     parts = [df.assign(measure=m, value=df[m].astype(float)) for m in metrics if m in df]
     return pd.concat(parts, ignore_index=True) if parts else df.iloc[:0]
 
 
 def bare_comparison(main: pd.DataFrame, n_resamples: int) -> tuple[pd.DataFrame, str]:
     """adaptive_bare against static at the sparsity it reached: the static_matched runs when
-    present, else static at the nearest design sparsity (said in the note)."""
+    present, else static at the nearest design sparsity (said in the note). Uncorrected rows
+    (paired_rows): claims() corrects them within their family."""
     bare = main[(main["arm"] == "adaptive_bare") & (main["budget"] == 1)]
     if bare.empty:
         return pd.DataFrame(), "no adaptive_bare runs"
@@ -206,8 +211,8 @@ def bare_comparison(main: pd.DataFrame, n_resamples: int) -> tuple[pd.DataFrame,
         note = (f"bare controller reached sparsity {reached:.3f} (mean over seeds); NOT matched: "
                 f"static at the nearest design sparsity {near:g} (run arms.matched_static)")
     df = pd.concat([bare, base], ignore_index=True)
-    cmp = compare_arms(df, METRIC, "arm", {"adaptive_bare": list(base["arm"].unique())},
-                       ("seed",), (), n_resamples=n_resamples)
+    cmp = paired_rows(df, METRIC, "arm", {"adaptive_bare": list(base["arm"].unique())},
+                      ("seed",), (), n_resamples=n_resamples)
     return cmp, note
 
 
@@ -220,7 +225,8 @@ def _lambda_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def claims(runs: pd.DataFrame, n_resamples: int = N_RESAMPLES) -> list[Claim]:
-    """Every claim's comparisons; each claim is one Holm family (one compare_arms call)."""
+    """Every claim's comparisons, Holm-corrected across all the comparisons of its seed claim
+    (holm_family over their concatenation; each table keeps its own columns)."""
     main = main_runs(runs)
     s000g = "Seed 000: entropy-adaptive surge-collapse enhances generalization"
     out = []
@@ -238,8 +244,8 @@ def claims(runs: pd.DataFrame, n_resamples: int = N_RESAMPLES) -> list[Claim]:
     out.append(Claim("adaptive_bare", s000g, "bare controller (floor off) vs static at the "
                      "sparsity it reached, excess loss", bare, note))
     long = _long(main, STABILITY)
-    stab = (compare_arms(long, "value", "arm", {"adaptive": list(BASELINES)}, ("seed",),
-                         ("measure", *GROUP), n_resamples=n_resamples)
+    stab = (paired_rows(long, "value", "arm", {"adaptive": list(BASELINES)}, ("seed",),
+                        ("measure", *GROUP), n_resamples=n_resamples)
             if not long.empty and long["value"].notna().any() else pd.DataFrame())
     out.append(Claim("stability", "Seed 000: entropy-adaptive surge-collapse stabilizes training",
                      "adaptive vs the best baseline: loss spikes and val-loss range over the last "
@@ -248,42 +254,70 @@ def claims(runs: pd.DataFrame, n_resamples: int = N_RESAMPLES) -> list[Claim]:
     lam = _lambda_runs(runs)
     s002 = "Seed 002: lambda_entropy steers experts (specialization at > 0, diversity at < 0)"
     has_mi = lam["expert_regime_mi_mean"].notna().any()
-    spec = (compare_arms(lam, "expert_regime_mi_mean", "lam_arm",
-                         {"lambda=0.01": "lambda=0", "lambda=0.05": "lambda=0"}, ("seed",),
-                         ("lambda_balance",), lower_is_better=False, n_resamples=n_resamples)
+    spec = (paired_rows(lam, "expert_regime_mi_mean", "lam_arm",
+                        {"lambda=0.01": "lambda=0", "lambda=0.05": "lambda=0"}, ("seed",),
+                        ("lambda_balance",), lower_is_better=False, n_resamples=n_resamples)
             if has_mi else pd.DataFrame())
     out.append(Claim("specialization", s002, "lambda > 0 vs 0 on dense: I(top expert; regime), "
                      "nats, mean over layers, per balance setting", spec,
                      "" if has_mi else "not measured: no block<i>.expert_regime_mi columns"))
-    div = compare_arms(lam, "token_entropy", "lam_arm", {"lambda=-0.05": "lambda=0"}, ("seed",),
-                       ("lambda_balance",), lower_is_better=False, n_resamples=n_resamples)
+    div = paired_rows(lam, "token_entropy", "lam_arm", {"lambda=-0.05": "lambda=0"}, ("seed",),
+                      ("lambda_balance",), lower_is_better=False, n_resamples=n_resamples)
     out.append(Claim("diversity", s002, "lambda < 0 vs 0 on dense: gate token entropy (higher = "
                      "more experts per token), per balance setting", div))
+    return [c for seed_claim in dict.fromkeys(c.seed_claim for c in out)
+            for c in _corrected([c for c in out if c.seed_claim == seed_claim], n_resamples)]
+
+
+def _corrected(family: list[Claim], n_resamples: int) -> list[Claim]:
+    """The claims of one seed claim with their rows corrected as one Holm family."""
+    tables = [c.table.assign(_claim=i) for i, c in enumerate(family) if len(c.table)]
+    if not tables:
+        return family
+    done = holm_family(pd.concat(tables, ignore_index=True), n_resamples=n_resamples)
+    done["_claim"] = pd.concat(tables, ignore_index=True)["_claim"]
+    out = []
+    for i, c in enumerate(family):
+        if not len(c.table):
+            out.append(c)
+            continue
+        own = [col for col in done.columns if col in c.table.columns or col in CORRECTED]
+        out.append(replace(c, table=done[done["_claim"] == i][own].reset_index(drop=True)))
     return out
 
 
 def claim_verdict(table: pd.DataFrame) -> str:
-    """One verdict from a family's rows: holds / opposite everywhere, in part, mixed, or no
-    effect detected with the range of corrected interval widths."""
+    """One verdict from a claim's rows: holds / opposite everywhere, in part, mixed, or no
+    effect detected with the range of corrected interval widths; rows whose two intervals
+    disagree (undecided) and rows without enough pairs are counted apart."""
     if table.empty:
         return "not tested"
     v = table["verdict"]
     m, h, o = len(v), int((v == "holds").sum()), int((v == "opposite").sum())
     few = int((v == "too few pairs").sum())
+    und = int(v.str.startswith("undecided").sum())
     if few == m:
         return "too few pairs"
-    untested = f"too few pairs in {few}" if few else ""
+    none = m - h - o - few - und
+    rest = ", ".join(p for p in (f"no effect in {none}" if none else "",
+                                 f"undecided in {und}" if und else "",
+                                 f"too few pairs in {few}" if few else "") if p)
     if h and o:
-        return f"mixed: holds in {h}, opposite in {o} of {m} comparisons"
-    for k, word in ((h, "holds"), (o, "opposite")):
+        return f"mixed: holds in {h}, opposite in {o} of {m} comparisons" + (
+            f", {rest}" if rest else "")
+    for k, word in ((h, "holds"), (o, "opposite"), (und, "undecided")):
         if k:
-            none = m - k - few
-            rest = ("no effect in the rest" if not few else
-                    ", ".join(p for p in (f"no effect in {none}" if none else "", untested) if p))
-            return word if k == m else f"{word} in {k} of {m} comparisons, {rest}"
+            if k == m:
+                return word
+            if word == "undecided":
+                rest = ", ".join(p for p in (f"no effect in {none}" if none else "",
+                                             f"too few pairs in {few}" if few else "") if p)
+            elif not few and not und:
+                rest = "no effect in the rest"
+            return f"{word} in {k} of {m} comparisons, {rest}"
     w = (table["ci_high"] - table["ci_low"]).dropna()
     return (f"no effect detected (corrected interval widths {w.min():.3g} to {w.max():.3g}"
-            + (f"; {untested}" if few else "") + ")")
+            + (f"; too few pairs in {few}" if few else "") + ")")
 
 
 # ---------------------------------------------------------------------------- writing
@@ -330,11 +364,9 @@ def _header(runs: pd.DataFrame, wall_s: float | None, cpu_s: float | None) -> st
 
 
 def _interval(values: np.ndarray, n_resamples: int) -> tuple[float, float, bool]:
-    """(low, high, is_bootstrap): the 95 % bootstrap interval of the mean where it is bounded,
-    else the seeds' range. Under MIN_PAIRS seeds it is undefined; the studentized one is
-    infinite where too many resamples have se* = 0: at 3 seeds (1 resample in 9 draws one seed
-    three times), and at any count where seeds tie. matplotlib cannot draw an infinite band or
-    bar: such a band showed nothing."""
+    """(low, high, is_bootstrap): the 95 % percentile bootstrap interval of the mean, or the
+    seeds' range where it is undefined (under MIN_PAIRS seeds). matplotlib cannot draw a NaN
+    band or bar: such a band showed nothing."""
     b = paired_bootstrap(values, n_resamples)
     if math.isfinite(b.low) and math.isfinite(b.high):
         return b.low, b.high, True
@@ -345,12 +377,12 @@ def _label(arm: str, bootstrap: bool) -> str:
     return arm if bootstrap else f"{arm} *"
 
 
-RANGE_NOTE = "* the seeds' range where the 95 % interval is unbounded (under 4 seeds, or tied seeds)"
+RANGE_NOTE = "* the seeds' range where the 95 % interval is undefined (under 3 seeds)"
 
 
 def figures(runs: pd.DataFrame, out: Path, n_resamples: int) -> None:
     """excess_loss.png (per arm vs target sparsity, 95 % bootstrap interval of the mean, or the
-    seeds' range where it is unbounded, marked * in the legend; 1x beside 4x; dense as a band;
+    seeds' range where it is undefined, marked * in the legend; 1x beside 4x; dense as a band;
     the bare controller at its reached sparsity) and lambda.png."""
     main = main_runs(runs)
     budgets = sorted(main["budget"].unique())
@@ -453,9 +485,14 @@ def build_report(runs: pd.DataFrame, curves: pd.DataFrame | None = None, out: Pa
         out / "comparisons.csv", index=False)
     md = ["# Comparisons\n", head,
           "Paired per seed (arm - baseline; the best baseline by mean in each group among "
-          f"{', '.join(BASELINES)}); studentized bootstrap, {n_resamples} resamples, seeded; "
-          "ci95 uncorrected, ci_low/high at the Holm level ci_level of the claim's family; "
-          "p_improve = share of bootstrap means on the better side.\n"]
+          f"{', '.join(BASELINES)}, over the seeds it shares with the arm); percentile "
+          f"bootstrap, {n_resamples} resamples, seeded: ci95 uncorrected, ci_low/high at the "
+          "Holm level ci_level; beside it the paired t-test (t_p, t_ci_low/high at its Holm level "
+          "t_ci_level), which guards the percentile interval, too narrow at 5 seeds "
+          "(lfmodel/stats.py). One Holm family per seed claim (each `#` section of verdict.md). "
+          "verdict: holds / opposite where both corrected intervals exclude 0 on that side, "
+          "undecided where only one does; p_improve = share of bootstrap means on the better "
+          "side.\n"]
     for c in cl:
         md += [f"## {c.key}: {c.text}\n", *([c.note + "\n"] if c.note else []),
                markdown(c.table), f"Verdict: **{claim_verdict(c.table)}**\n"]
@@ -469,9 +506,12 @@ def build_report(runs: pd.DataFrame, curves: pd.DataFrame | None = None, out: Pa
         + ". Mean and std over seeds.\n\n" + markdown(lt))
 
     v = ["# Verdicts\n", head,
-         "A claim holds only where its Holm-corrected 95 % interval excludes 0 on the claimed "
-         "side; otherwise \"no effect detected\" with the interval widths (a wide interval "
-         "means too few seeds, not evidence of no effect). Details in comparisons.md.\n"]
+         "A comparison holds only where its Holm-corrected 95 % intervals, the percentile "
+         "bootstrap's and the paired t-test's, both exclude 0 on the claimed side (\"opposite\": "
+         "both on the other side; \"undecided\": only one does); otherwise \"no effect "
+         "detected\" with the interval widths (a wide interval means too few seeds, not "
+         "evidence of no effect). The comparisons under one heading are one Holm family. "
+         "Details in comparisons.md.\n"]
     for seed_claim in dict.fromkeys(c.seed_claim for c in cl):
         v.append(f"## {seed_claim}\n")
         v += [f"- {c.text}: **{claim_verdict(c.table)}**" + (f" ({c.note})" if c.note else "")

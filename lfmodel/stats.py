@@ -5,15 +5,19 @@ into a DataFrame and hands it here. A difference is always arm - baseline, per s
 two runs of a pair share data and init; lower excess loss is better, so a negative difference
 is an improvement unless `lower_is_better=False`.
 
-Why the studentized bootstrap is the default interval: the study has 5 to 8 seeds, and at those
-sizes the plain percentile interval of the mean is too narrow. Measured on N(0, 1) differences
-(4,000 repeats x 2,000 resamples): a "95 %" percentile interval covered 0.84 of the time at 5
-seeds and 0.88 at 8; the studentized one (bootstrap-t, Efron & Tibshirani ch. 12; 2,000 repeats
-x 4,000 resamples) covered 0.942 and 0.948, and 0.994 / 0.993 at the 99.5 % level a Holm step
-asks for. It pays in width: 1.28x the t-interval's at 5 seeds, 1.07x at 8.
-`method="percentile"` keeps the plain one for comparison. Five seeds buy little: a strong
-effect (per-seed mean / sd = 4.3) got a median p of 0.0027 and up to 0.16 over 50 draws, so
-after Holm over ~10 comparisons a claim needs more seeds (8: median 0.0002, max 0.03).
+Intervals: DESIGN.md's 95 % percentile bootstrap, and beside it the paired t-interval as a
+guard, because the study has 5 to 8 seeds and at those sizes the percentile interval of the
+mean is too narrow. Measured on N(0, 1) differences (4,000 repeats x 2,000 resamples): a "95 %"
+percentile interval covered 0.84 of the time at 5 seeds and 0.88 at 8. A row's verdict is
+"holds" or "opposite" only where both Holm-corrected intervals exclude 0 on that side; where
+they disagree it says so. The t-interval is exact for normal differences, so for those a
+verdict's error rate is at most its. The studentized bootstrap (bootstrap-t, Efron & Tibshirani ch. 12;
+`method="studentized"`) covered 0.942 / 0.948 on such differences but is not used: at 5 seeds
+a resample drawn from near-equal seeds has a tiny se*, which throws its ends far past the data
+(on the study's runs: [-12.3, 5.5] for a difference of two mutual informations, each within
+[0, ln 4]; [-0.49, 0.52] for five differences all in [-0.45, -0.27]). Five seeds buy little: a
+strong effect (per-seed mean / sd = 4.3) got a median p of 0.0027 and up to 0.16 over 50 draws,
+so after Holm over ~10 comparisons a claim needs more seeds (8: median 0.0002, max 0.03).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import pandas as pd
 N_RESAMPLES = 10_000
 LEVEL = 0.95
 MIN_PAIRS = 3  # below this a bootstrap of the mean has almost no distinct resamples
-METHODS = ("studentized", "percentile")
+METHODS = ("percentile", "studentized")
 SPIKE_WINDOW = 50
 SPIKE_K = 6.0
 MAD_TO_SD = 1.4826  # MAD * 1.4826 estimates the standard deviation of normal noise
@@ -57,7 +61,7 @@ def _better_share(x: np.ndarray, lower_is_better: bool) -> float:
 
 
 def paired_bootstrap(diff_per_seed: Sequence[float] | np.ndarray, n_resamples: int = N_RESAMPLES,
-                     seed: int = 0, level: float = LEVEL, method: str = "studentized",
+                     seed: int = 0, level: float = LEVEL, method: str = "percentile",
                      lower_is_better: bool = True) -> Bootstrap:
     """Bootstrap the mean of per-seed differences (arm - baseline): resample seeds with
     replacement `n_resamples` times from a seeded numpy Generator (same seed, same resamples,
@@ -111,6 +115,24 @@ def paired_bootstrap(diff_per_seed: Sequence[float] | np.ndarray, n_resamples: i
     return Bootstrap(n, mean, low, high, level, p, p_improve, share)
 
 
+def paired_t(diff_per_seed: Sequence[float] | np.ndarray,
+             level: float = LEVEL) -> tuple[float, float, float]:
+    """(low, high, p) of the paired t-interval of the mean difference (two-sided): exact for
+    normal differences at any seed count, the guard beside the bootstrap (module docstring).
+    NaN under MIN_PAIRS; every seed the same difference gives a zero-width interval."""
+    from scipy import stats as sps  # only the report needs it: the stages never import this
+
+    x = np.asarray(diff_per_seed, dtype=float)
+    n = len(x)
+    if n < MIN_PAIRS:
+        return math.nan, math.nan, math.nan
+    mean, se = float(x.mean()), float(x.std(ddof=1)) / math.sqrt(n)
+    if se == 0:
+        return mean, mean, 1.0 if mean == 0 else 0.0
+    q = float(sps.t.ppf(1 - (1 - level) / 2, n - 1))
+    return mean - q * se, mean + q * se, float(2 * sps.t.sf(abs(mean) / se, n - 1))
+
+
 def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
     """Holm's step-down adjusted p-values: sort ascending, multiply the i-th (from 0) by m - i,
     carry the running maximum so they never decrease, cap at 1. NaN stays NaN and does not
@@ -130,16 +152,18 @@ def holm_alphas(p_values: Sequence[float] | np.ndarray, alpha: float = 1 - LEVEL
     """The alpha Holm's procedure tests each comparison at: alpha / (m - i) for the i-th
     smallest p (from 0) up to the first comparison it fails to reject; that step's alpha for
     every comparison after it (Holm stops there, so they are judged at the level where it
-    stopped). An interval at level 1 - alpha_i then excludes 0 exactly where Holm rejects
-    (p_holm < alpha), up to the bootstrap's grain: the corrected interval and p_holm tell one
-    story."""
+    stopped). Tied p-values share the first of their steps' alphas (the strictest), so the
+    result does not depend on the order the comparisons come in. An interval at level
+    1 - alpha_i then excludes 0 exactly where Holm rejects (p_holm < alpha), up to the
+    bootstrap's grain: the corrected interval and p_holm tell one story."""
     p = np.asarray(p_values, dtype=float)
     out = np.full(p.shape, np.nan)
     ok = np.flatnonzero(~np.isnan(p))
     m = len(ok)
     order = ok[np.argsort(p[ok], kind="stable")]
-    step = alpha / (m - np.arange(m))
-    failed = np.flatnonzero(p[order] >= step)
+    ranked = p[order]
+    step = alpha / (m - np.searchsorted(ranked, ranked, side="left"))  # a tie: its first rank
+    failed = np.flatnonzero(ranked >= step)
     if len(failed):
         step[failed[0]:] = step[failed[0]]
     out[order] = step
@@ -175,23 +199,31 @@ def _missing(keys_a: set, keys_b: set, arm: str, base: str) -> str:
     return "; ".join(p for p in parts if p)
 
 
-def compare_arms(df: pd.DataFrame, metric: str, arm_col: str,
-                 baseline_of: Mapping[str, str | Sequence[str]],
-                 pair_on: Sequence[str] = ("seed",),
-                 group_on: Sequence[str] = ("surge.target_sparsity", "train.steps"),
-                 lower_is_better: bool = True, level: float = LEVEL,
-                 n_resamples: int = N_RESAMPLES, seed: int = 0,
-                 method: str = "studentized") -> pd.DataFrame:
-    """Each arm against its baseline within every group (same sparsity and budget), paired on
-    `pair_on` (the seeds both have; the others are named in `missing`), one Holm family over
-    every row of the result (call once per claim).
+def joint_verdict(boot: str, t: str) -> str:
+    """One row's verdict from its two corrected intervals (module docstring): theirs where they
+    agree, else "undecided" naming each."""
+    short = lambda v: "no effect" if v.startswith("no effect") else v  # noqa: E731
+    if short(boot) == short(t):
+        return boot
+    return f"undecided (bootstrap: {short(boot)}; t-interval: {short(t)})"
 
-    baseline_of maps arm -> baseline, or arm -> candidates of which the best in that group
-    (lowest mean metric, highest if not lower_is_better) is used: "the best baseline at the same
-    sparsity and budget". Columns: the group columns, arm, baseline, n_pairs, missing,
-    mean_diff (arm - baseline), ci95_low/high (uncorrected), p, p_holm, ci_level and
-    ci_low/high (Holm-corrected, see holm_alphas), p_improve, share_better, verdict (from the
-    corrected interval).
+
+def paired_rows(df: pd.DataFrame, metric: str, arm_col: str,
+                baseline_of: Mapping[str, str | Sequence[str]],
+                pair_on: Sequence[str] = ("seed",),
+                group_on: Sequence[str] = ("surge.target_sparsity", "train.steps"),
+                lower_is_better: bool = True, n_resamples: int = N_RESAMPLES,
+                seed: int = 0) -> pd.DataFrame:
+    """Each arm against its baseline within every group (same sparsity and budget), paired on
+    `pair_on` (the seeds both have; the others are named in `missing`); uncorrected, for
+    holm_family (one call per claim, over every comparison of that claim).
+
+    baseline_of maps arm -> baseline, or arm -> candidates of which the best in that group is
+    used, "the best baseline at the same sparsity and budget": the lowest mean metric (highest
+    if not lower_is_better) over the seeds it shares with the arm, so that the pick and the
+    paired test see the same seeds. Columns: the group columns, arm, baseline, n_pairs,
+    missing, mean_diff (arm - baseline), ci95_low/high (percentile bootstrap, uncorrected), p,
+    t_p (the paired t-test's), p_improve, share_better, and the private _diff, _lower.
     """
     need = [metric, arm_col, *pair_on, *group_on]
     absent = [c for c in need if c not in df.columns]
@@ -200,51 +232,86 @@ def compare_arms(df: pd.DataFrame, metric: str, arm_col: str,
     rows: list[dict] = []
     keys = (list(df[list(group_on)].dropna().drop_duplicates().itertuples(index=False, name=None))
             if group_on else [()])
+    pick: Callable = min if lower_is_better else max
     for key in keys:
         sub = _rows_for(df, group_on, key)
         own = set(sub.dropna(subset=list(group_on))[arm_col])  # NaN rows only join as baselines
-        means = sub.groupby(arm_col)[metric].mean()
+        present = set(sub[arm_col])
         for arm, cands in baseline_of.items():
             if arm not in own:
                 continue
             cands = [cands] if isinstance(cands, str) else list(cands)
-            cands = [c for c in cands if c in means.index and c != arm]
+            cands = [c for c in cands if c in present and c != arm]
             if not cands:
                 continue
-            pick: Callable = min if lower_is_better else max
-            base = pick(cands, key=lambda c: means[c])
             a = _paired(sub, arm_col, arm, metric, pair_on)
-            b = _paired(sub, arm_col, base, metric, pair_on)
+            paired = {c: _paired(sub, arm_col, c, metric, pair_on) for c in cands}
+            sharing = {c: s.loc[s.index.intersection(a.index)] for c, s in paired.items()}
+            sharing = {c: s for c, s in sharing.items() if len(s)} or paired  # none: too few pairs
+            base = pick(sharing, key=lambda c: sharing[c].mean())
+            b = paired[base]
             shared = sorted(set(a.index) & set(b.index))
             diff = (a.loc[shared] - b.loc[shared]).to_numpy(dtype=float)
-            boot = paired_bootstrap(diff, n_resamples, seed, level, method, lower_is_better)
+            boot = paired_bootstrap(diff, n_resamples, seed, LEVEL, "percentile", lower_is_better)
             rows.append({**dict(zip(group_on, key, strict=True)), "arm": arm, "baseline": base,
                          "n_pairs": boot.n,
                          "missing": _missing({_t(k) for k in a.index}, {_t(k) for k in b.index},
                                              arm, base),
                          "mean_diff": boot.mean, "ci95_low": boot.low, "ci95_high": boot.high,
-                         "p": boot.p, "p_improve": boot.p_improve,
-                         "share_better": boot.share_better, "_diff": diff})
-    out = pd.DataFrame(rows)
-    if out.empty:
-        return out
-    out["p_holm"] = holm(out["p"].to_numpy())
-    alphas = holm_alphas(out["p"].to_numpy(), 1 - level)
-    lows, highs = [], []
-    for diff, a in zip(out["_diff"], alphas, strict=True):
-        if math.isnan(a):
-            lows.append(math.nan)
-            highs.append(math.nan)
-            continue
-        b = paired_bootstrap(diff, n_resamples, seed, 1 - a, method, lower_is_better)
-        lows.append(b.low)
-        highs.append(b.high)
-    out["ci_level"], out["ci_low"], out["ci_high"] = 1 - alphas, lows, highs
-    out["verdict"] = [verdict(lo, hi, lower_is_better) for lo, hi in zip(lows, highs, strict=True)]
-    cols = [*group_on, "arm", "baseline", "n_pairs", "missing", "mean_diff", "ci95_low",
-            "ci95_high", "p", "p_holm", "ci_level", "ci_low", "ci_high", "p_improve",
-            "share_better", "verdict"]
-    return out[cols]
+                         "p": boot.p, "t_p": paired_t(diff)[2], "p_improve": boot.p_improve,
+                         "share_better": boot.share_better, "_diff": diff,
+                         "_lower": lower_is_better})
+    return pd.DataFrame(rows)
+
+
+CORRECTED = ("p_holm", "ci_level", "ci_low", "ci_high", "t_p_holm", "t_ci_level", "t_ci_low",
+             "t_ci_high", "verdict")
+
+
+def holm_family(rows: pd.DataFrame, level: float = LEVEL, n_resamples: int = N_RESAMPLES,
+                seed: int = 0) -> pd.DataFrame:
+    """Holm across the rows of paired_rows (every comparison of one claim), for the bootstrap
+    and the t-test each: p_holm, ci_level and ci_low/high at the level of the row's Holm step
+    (see holm_alphas; the same resamples as paired_rows when n_resamples and seed match), the
+    same prefixed t_, and the row's verdict from both corrected intervals (joint_verdict)."""
+    if rows.empty:
+        return rows
+    out = rows.copy()
+    for prefix, p_col in (("", "p"), ("t_", "t_p")):
+        p = out[p_col].to_numpy(dtype=float)
+        alphas = holm_alphas(p, 1 - level)
+        ends = []
+        for diff, a, lower in zip(out["_diff"], alphas, out["_lower"], strict=True):
+            if math.isnan(a):
+                ends.append((math.nan, math.nan))
+            elif prefix:
+                ends.append(paired_t(diff, 1 - a)[:2])
+            else:
+                b = paired_bootstrap(diff, n_resamples, seed, 1 - a, "percentile", lower)
+                ends.append((b.low, b.high))
+        out[prefix + "p_holm"] = holm(p)
+        out[prefix + "ci_level"] = 1 - alphas
+        out[prefix + "ci_low"] = [lo for lo, _ in ends]
+        out[prefix + "ci_high"] = [hi for _, hi in ends]
+    out["verdict"] = [joint_verdict(verdict(lo, hi, lower), verdict(tlo, thi, lower))
+                      for lo, hi, tlo, thi, lower in zip(out["ci_low"], out["ci_high"],
+                                                        out["t_ci_low"], out["t_ci_high"],
+                                                        out["_lower"], strict=True)]
+    last = [c for c in ("p_improve", "share_better") if c in out.columns]
+    first = [c for c in out.columns if c not in (*CORRECTED, *last) and not c.startswith("_")]
+    return out[[*first, *CORRECTED, *last]]
+
+
+def compare_arms(df: pd.DataFrame, metric: str, arm_col: str,
+                 baseline_of: Mapping[str, str | Sequence[str]],
+                 pair_on: Sequence[str] = ("seed",),
+                 group_on: Sequence[str] = ("surge.target_sparsity", "train.steps"),
+                 lower_is_better: bool = True, level: float = LEVEL,
+                 n_resamples: int = N_RESAMPLES, seed: int = 0) -> pd.DataFrame:
+    """paired_rows, then holm_family over all of them: one claim's comparisons in one call."""
+    rows = paired_rows(df, metric, arm_col, baseline_of, pair_on, group_on, lower_is_better,
+                       n_resamples, seed)
+    return holm_family(rows, level, n_resamples, seed)
 
 
 def _t(k) -> tuple:

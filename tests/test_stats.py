@@ -10,8 +10,11 @@ from lfmodel.stats import (
     compare_arms,
     holm,
     holm_alphas,
+    holm_family,
     loss_spikes,
     paired_bootstrap,
+    paired_rows,
+    paired_t,
     seed_spread,
     spike_steps,
     val_range_last20,
@@ -35,11 +38,25 @@ def test_shifted_pair_interval_excludes_zero():
     assert paired_bootstrap(arm - base, seed=0) == b  # seeded: same numbers twice
 
 
-def test_identical_arms_cover_zero_about_95_percent():
+def test_coverage_at_8_seeds_percentile_narrow_t_guard():
+    """Identical arms, 8 seeds: the percentile interval covers 0 too rarely at this size (why
+    the t-interval stands beside it), the t-interval and the studentized one about 95 %."""
     rng = np.random.default_rng(1)
     a, b = rng.normal(0.3, 0.02, (2, 400, 8))  # two arms with the same distribution
-    covered = [(r := paired_bootstrap(d, seed=i)).low <= 0 <= r.high for i, d in enumerate(a - b)]
-    assert 0.90 <= np.mean(covered) <= 0.99
+    cover = lambda lo, hi: lo <= 0 <= hi  # noqa: E731
+    pct = np.mean([cover((r := paired_bootstrap(d, seed=i)).low, r.high)
+                   for i, d in enumerate(a - b)])
+    stud = np.mean([cover((r := paired_bootstrap(d, seed=i, method="studentized")).low, r.high)
+                    for i, d in enumerate(a - b)])
+    t = np.mean([cover(*paired_t(d)[:2]) for d in a - b])
+    assert 0.83 <= pct <= 0.91 and 0.92 <= t <= 0.98 and 0.90 <= stud <= 0.99, (pct, t, stud)
+
+
+def test_paired_t_hand_computed():
+    lo, hi, p = paired_t([1, 2, 3, 4, 5])  # mean 3, se sqrt(2.5 / 5), t(0.975, 4) = 2.7764
+    assert (lo, hi) == pytest.approx((3 - 2.7764 * 0.5 ** 0.5, 3 + 2.7764 * 0.5 ** 0.5), abs=1e-4)
+    assert p == pytest.approx(0.01324, abs=1e-5)  # t = 4.243 on 4 degrees of freedom
+    assert math.isnan(paired_t([1.0, 2.0])[0]) and paired_t([0.5] * 4) == (0.5, 0.5, 0.0)
 
 
 def test_p_value_agrees_with_interval():
@@ -78,6 +95,37 @@ def test_holm_alphas_stop_at_first_failure():
     # a stop at the first step keeps every comparison at Bonferroni's alpha / m
     np.testing.assert_allclose(holm_alphas([0.02, 0.03, 0.3]), [0.05 / 3] * 3)
     np.testing.assert_allclose(holm_alphas([0.02, 0.001, 0.3]), [0.05 / 2, 0.05 / 3, 0.05])
+
+
+def test_holm_alphas_ties_do_not_depend_on_order():
+    """Two comparisons with one p: both are judged at the stricter step, in either order (the
+    order the runs came from MLflow decided which got alpha / 3 and which alpha / 2)."""
+    np.testing.assert_allclose(holm_alphas([0.0008, 0.0008, 0.3]), [0.05 / 3, 0.05 / 3, 0.05])
+    np.testing.assert_allclose(holm_alphas([0.3, 0.0008, 0.0008]), [0.05, 0.05 / 3, 0.05 / 3])
+
+
+def test_undecided_where_bootstrap_and_t_disagree():
+    """Two seeds far better, three near 0: the percentile bootstrap excludes 0 (its intervals
+    are too narrow at 5 seeds), the t-interval does not; the row says both."""
+    diff = np.array([-0.276, 0.0002, -0.0025, -0.284, -0.0055])
+    rows = pd.DataFrame([{"arm": "a", "baseline": "b", "p": paired_bootstrap(diff).p,
+                          "t_p": paired_t(diff)[2], "_diff": diff, "_lower": True}])
+    out = holm_family(rows).iloc[0]
+    assert out["ci_high"] < 0 <= out["t_ci_high"]
+    assert out["verdict"] == "undecided (bootstrap: holds; t-interval: no effect)"
+    clear = rows.assign(_diff=[diff - 0.3], t_p=paired_t(diff - 0.3)[2])
+    assert holm_family(clear).iloc[0]["verdict"] == "holds"
+
+
+def test_best_baseline_on_the_seeds_it_shares():
+    """The arm lacks seed 4. Baseline b has the lowest mean over all seeds only because of
+    seed 4; on the seeds both share, c is better: c is the best baseline of this comparison."""
+    rows = [("arm", s, 0.10) for s in range(4)]
+    rows += [("b", s, v) for s, v in enumerate([0.11, 0.11, 0.11, 0.11, -0.2])]
+    rows += [("c", s, 0.105) for s in range(5)]
+    df = pd.DataFrame(rows, columns=["mode", "seed", "excess_loss"])
+    out = paired_rows(df, "excess_loss", "mode", {"arm": ["b", "c"]}, group_on=())
+    assert out["baseline"].tolist() == ["c"] and out["n_pairs"].tolist() == [4]
 
 
 def runs_table() -> pd.DataFrame:
