@@ -346,8 +346,8 @@ def matched_phase(study_id: str, dmap: dict[str, dict], experiment: str) -> dict
     if not bare:
         return {}
     runs, _, _, diverged = collect(study_id, experiment)
-    done = runs[runs["arm"] == "adaptive_bare"] if len(runs) else runs
-    lost = int((diverged["arm"] == "adaptive_bare").sum())
+    done = runs[(runs["arm"] == "adaptive_bare") & (runs["budget"] == 1)] if len(runs) else runs
+    lost = int(((diverged["arm"] == "adaptive_bare") & (diverged["budget"] == 1)).sum())
     if done.empty and lost:
         print(f"study {study_id}: every bare-controller run diverged ({lost} of {len(bare)}): "
               "no matched static", file=sys.stderr)
