@@ -98,11 +98,15 @@ def check_runs(runs: pd.DataFrame) -> None:
 
 
 def with_stability(runs: pd.DataFrame, curves: pd.DataFrame | None) -> pd.DataFrame:
-    """Add loss_spikes (train curve) and val_range_last20 (over the run's own steps) per run."""
+    """Add loss_spikes (train curve) and val_range_last20 (over the run's own steps) per run.
+    Without curves, a table that has them already (a runs.csv this module wrote) keeps them."""
     out = runs.copy()
-    out["loss_spikes"], out["val_range_last20"] = math.nan, math.nan
     if curves is None or curves.empty:
+        for col in STABILITY:
+            if col not in out.columns:
+                out[col] = math.nan
         return out
+    out["loss_spikes"], out["val_range_last20"] = math.nan, math.nan
     steps = out.set_index("run_id")["budget"] * UNIT_STEPS
     for rid, c in curves.sort_values("step").groupby("run_id"):
         if rid not in steps.index:
@@ -450,7 +454,9 @@ def build_report(runs: pd.DataFrame, curves: pd.DataFrame | None = None, out: Pa
     before writing anything. The folder is the report's own: its files from an earlier build
     (a figure an older design made) are removed first, so every file in it is from this one."""
     check_runs(runs)
-    runs = with_stability(runs, curves)
+    order = ["arm", "target_sparsity", "budget", "lambda_entropy", "lambda_balance", "seed"]
+    # every table from runs.csv's order, not the store's: a rebuild from it is bit-identical
+    runs = with_stability(runs, curves).sort_values(order, ignore_index=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.iterdir():
@@ -458,9 +464,8 @@ def build_report(runs: pd.DataFrame, curves: pd.DataFrame | None = None, out: Pa
             stale.unlink()
     diverged = diverged if diverged is not None else pd.DataFrame(columns=list(DIVERGED_COLS))
     head = _header(runs, wall_s, cpu_s) + divergence_note(diverged)
-    order = ["arm", "target_sparsity", "budget", "lambda_entropy", "lambda_balance", "seed"]
     cols = [*RUN_KEYS, *[c for c in runs.columns if c not in RUN_KEYS]]
-    runs.sort_values(order)[cols].to_csv(out / "runs.csv", index=False)
+    runs[cols].to_csv(out / "runs.csv", index=False)
     diverged.sort_values(order)[list(DIVERGED_COLS)].to_csv(out / "diverged.csv", index=False)
 
     main = main_runs(runs)

@@ -1,7 +1,7 @@
 """`lfmodel study` (= make study): the study of issue 13 through `lfmodel sweep`, then reports/study/.
 
     lfmodel study [--study-id ID] [--full] [--minutes 90] [--jobs N]
-                  [--backend local|ray --address A] [--report-only]
+                  [--backend local|ray --address A] [--report-only | --from-runs CSV]
 
 Design (lfmodel.arms): by default arms.default_design, the full design trimmed to finish in
 `--minutes` on this machine's cores. Its cost input is measured at start: CALIB_STEPS training
@@ -19,7 +19,8 @@ Report: one row per complete child run of the parent (run id, parent run id, arm
 metrics of its metrics.json artifact) and its curves (train/loss.csv, train/val.csv artifacts),
 then lfmodel.report.build_report with the wall time measured over the study's invocations and
 CPU time = cores used x wall (the runs do not record their process CPU; the files say so).
-`--report-only` rebuilds reports/study/ from MLflow.
+`--report-only` rebuilds reports/study/ from MLflow; `--from-runs reports/study/runs.csv` from
+the runs.csv an earlier report wrote (new statistics on the same runs, no MLflow store needed).
 """
 
 from __future__ import annotations
@@ -324,6 +325,31 @@ def write_report(study_id: str, experiment: str, out: Path = OUT,
     return Path(out)
 
 
+def report_from_runs(runs_csv: Path, out: Path = OUT) -> Path:
+    """reports/study/ again from a runs.csv that build_report wrote (its stability columns came
+    from the curves), with diverged.csv and cost.json beside it: the statistics of the same
+    runs after a change to lfmodel.stats or lfmodel.report, without the MLflow store."""
+    runs_csv = Path(runs_csv)
+    if not runs_csv.is_file():
+        raise StudyError(f"--from-runs: no such file: {runs_csv}")
+    runs = pd.read_csv(runs_csv)
+    missing = [c for c in report.STABILITY if c not in runs.columns]
+    if missing:
+        raise StudyError(f"--from-runs: {runs_csv} lacks {missing}: not a runs.csv of a report")
+    src = runs_csv.parent
+    diverged = pd.read_csv(src / "diverged.csv") if (src / "diverged.csv").is_file() else None
+    cost = (json.loads((src / "cost.json").read_text()) if (src / "cost.json").is_file()
+            else {})
+    try:
+        out = report.build_report(runs, None, out, wall_s=cost.get("wall_s"),
+                                  cpu_s=cost.get("cpu_s"), diverged=diverged)
+    except ValueError as err:
+        raise StudyError(str(err)) from None
+    if cost:  # build_report clears the folder's .json files
+        (Path(out) / "cost.json").write_text(json.dumps(cost, indent=1) + "\n")
+    return Path(out)
+
+
 # ---------------------------------------------------------------------------- running
 
 def _sweep(study_id: str, points: Points, backend: str, jobs: int, address: str | None,
@@ -433,10 +459,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backend", choices=("local", "ray"), default="local")
     ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS"))
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--from-runs", type=Path, metavar="RUNS_CSV",
+                    help="rebuild reports/study/ from this runs.csv (and the diverged.csv and "
+                    "cost.json beside it), without MLflow")
     args = ap.parse_args(argv)
     try:
         if not (args.minutes > 0 and math.isfinite(args.minutes)) or args.jobs <= 0:  # nan, inf
             raise StudyError("--minutes must be a positive number and --jobs positive")
+        if args.from_runs:
+            out = report_from_runs(args.from_runs)
+            print(f"study: report -> {out}/ from {args.from_runs}")
+            return
         experiment = load_params()["tracking"]["experiment"]
         if not args.report_only:
             design = None

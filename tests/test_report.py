@@ -262,3 +262,29 @@ def test_no_divergence_no_note(built):
     _, out, _ = built
     assert "diverged" not in (out / "verdict.md").read_text()
     assert list(pd.read_csv(out / "diverged.csv").columns) == list(report.DIVERGED_COLS)
+
+
+def test_report_from_runs_csv(built, tmp_path, capsys):
+    """`lfmodel study --from-runs`: the same report again from the runs.csv it wrote (the
+    stability columns kept, not recomputed without curves), cost.json carried over; a file
+    that is not a report's runs.csv is one line, exit 2."""
+    import json
+    import shutil
+
+    from lfmodel import study
+
+    runs, out, _ = built
+    src = tmp_path / "src"
+    shutil.copytree(out, src)
+    (src / "cost.json").write_text(json.dumps({"wall_s": 5400.0, "cpu_s": 10800.0}))
+    again = study.report_from_runs(src / "runs.csv", tmp_path / "again")
+    for name in ("comparisons.csv", "stability.csv", "table.csv", "verdict.md", "runs.csv"):
+        assert (again / name).read_text() == (out / name).read_text(), name
+    assert json.loads((again / "cost.json").read_text())["wall_s"] == 5400.0
+    runs.to_csv(tmp_path / "bare.csv", index=False)  # no stability columns
+    for arg, msg in ((tmp_path / "bare.csv", "not a runs.csv of a report"),
+                     (tmp_path / "nope.csv", "no such file")):
+        with pytest.raises(SystemExit) as exit_:
+            study.main(["--from-runs", str(arg)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1
