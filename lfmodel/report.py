@@ -278,15 +278,13 @@ def _corrected(family: list[Claim], n_resamples: int) -> list[Claim]:
     tables = [c.table.assign(_claim=i) for i, c in enumerate(family) if len(c.table)]
     if not tables:
         return family
-    done = holm_family(pd.concat(tables, ignore_index=True), n_resamples=n_resamples)
-    done["_claim"] = pd.concat(tables, ignore_index=True)["_claim"]
+    rows = pd.concat(tables, ignore_index=True)
+    done = holm_family(rows, n_resamples=n_resamples)  # drops the private columns
     out = []
     for i, c in enumerate(family):
-        if not len(c.table):
-            out.append(c)
-            continue
         own = [col for col in done.columns if col in c.table.columns or col in CORRECTED]
-        out.append(replace(c, table=done[done["_claim"] == i][own].reset_index(drop=True)))
+        out.append(replace(c, table=done[rows["_claim"] == i][own].reset_index(drop=True))
+                   if len(c.table) else c)
     return out
 
 
@@ -303,22 +301,22 @@ def claim_verdict(table: pd.DataFrame) -> str:
     if few == m:
         return "too few pairs"
     none = m - h - o - few - und
-    rest = ", ".join(p for p in (f"no effect in {none}" if none else "",
-                                 f"undecided in {und}" if und else "",
-                                 f"too few pairs in {few}" if few else "") if p)
+
+    def rest(*kinds: str) -> str:
+        left = [(k, n) for k, n in (("no effect", none), ("undecided", und),
+                                    ("too few pairs", few)) if n and k in kinds]
+        if [k for k, _ in left] == ["no effect"]:
+            return "no effect in the rest"
+        return ", ".join(f"{k} in {n}" for k, n in left)
+
     if h and o:
+        tail = rest("undecided", "too few pairs")
         return f"mixed: holds in {h}, opposite in {o} of {m} comparisons" + (
-            f", {rest}" if rest else "")
+            f", {tail}" if tail else "")
     for k, word in ((h, "holds"), (o, "opposite"), (und, "undecided")):
         if k:
-            if k == m:
-                return word
-            if word == "undecided":
-                rest = ", ".join(p for p in (f"no effect in {none}" if none else "",
-                                             f"too few pairs in {few}" if few else "") if p)
-            elif not few and not und:
-                rest = "no effect in the rest"
-            return f"{word} in {k} of {m} comparisons, {rest}"
+            others = {"no effect", "undecided", "too few pairs"} - {word}
+            return word if k == m else f"{word} in {k} of {m} comparisons, {rest(*others)}"
     w = (table["ci_high"] - table["ci_low"]).dropna()
     return (f"no effect detected (corrected interval widths {w.min():.3g} to {w.max():.3g}"
             + (f"; too few pairs in {few}" if few else "") + ")")
