@@ -11,10 +11,10 @@ mean is too narrow. Measured on N(0, 1) differences (4,000 repeats x 2,000 resam
 percentile interval covered 0.84 of the time at 5 seeds and 0.88 at 8. A row's verdict is
 "holds" or "opposite" only where both Holm-corrected intervals exclude 0 on that side; where
 they disagree it says so. The t-interval is exact for normal differences, so for those a
-verdict's error rate is at most its. The studentized bootstrap (bootstrap-t, Efron & Tibshirani ch. 12;
-`method="studentized"`) covered 0.942 / 0.948 on such differences but is not used: at 5 seeds
-a resample drawn from near-equal seeds has a tiny se*, which throws its ends far past the data
-(on the study's runs: [-12.3, 5.5] for a difference of two mutual informations, each within
+verdict's error rate is at most its. The studentized bootstrap (bootstrap-t, Efron & Tibshirani
+ch. 12), used until 2026-11-25, covered 0.942 / 0.948 on such differences but was dropped: at 5
+seeds a resample drawn from near-equal seeds has a tiny se*, which threw its ends far past the
+data (on the study's runs: [-12.3, 5.5] for a difference of two mutual informations, each within
 [0, ln 4]; [-0.49, 0.52] for five differences all in [-0.45, -0.27]). Five seeds buy little: a
 strong effect (per-seed mean / sd = 4.3) got a median p of 0.0027 and up to 0.16 over 50 draws,
 so after Holm over ~10 comparisons a claim needs more seeds (8: median 0.0002, max 0.03).
@@ -33,7 +33,6 @@ import pandas as pd
 N_RESAMPLES = 10_000
 LEVEL = 0.95
 MIN_PAIRS = 3  # below this a bootstrap of the mean has almost no distinct resamples
-METHODS = ("percentile", "studentized")
 SPIKE_WINDOW = 50
 SPIKE_K = 6.0
 MAD_TO_SD = 1.4826  # MAD * 1.4826 estimates the standard deviation of normal noise
@@ -61,21 +60,15 @@ def _better_share(x: np.ndarray, lower_is_better: bool) -> float:
 
 
 def paired_bootstrap(diff_per_seed: Sequence[float] | np.ndarray, n_resamples: int = N_RESAMPLES,
-                     seed: int = 0, level: float = LEVEL, method: str = "percentile",
+                     seed: int = 0, level: float = LEVEL,
                      lower_is_better: bool = True) -> Bootstrap:
-    """Bootstrap the mean of per-seed differences (arm - baseline): resample seeds with
-    replacement `n_resamples` times from a seeded numpy Generator (same seed, same resamples,
-    so an interval recomputed at another level reuses them).
-
-    studentized: t* = (mean* - mean) / se*, interval mean - q(t*) se; a resample whose seeds
-    all carry one value has se* = 0 and counts as t* = +-inf (0 when mean* = mean).
-    percentile: the interval is the quantiles of mean*.
-    p (two-sided, +1 correction so it is never 0): 2 min(P*(T >= T_obs), P*(T <= T_obs)) with
-    T the resampled statistic centred as under "no difference" (t* against mean / se, or mean*
-    against 0). Endpoints use the outer order statistic (no interpolation), the cautious side.
+    """Percentile bootstrap of the mean of per-seed differences (arm - baseline): resample seeds
+    with replacement `n_resamples` times from a seeded numpy Generator (same seed, same
+    resamples, so an interval recomputed at another level reuses them); the interval is the
+    quantiles of mean*, at the outer order statistic (no interpolation), the cautious side.
+    p (two-sided, +1 correction so it is never 0): 2 min(P*(mean* <= 0), P*(mean* >= 0)): a
+    mean* across 0 is as extreme as "observed 0 under a true mean of `mean`".
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
     x = np.asarray(diff_per_seed, dtype=float)
@@ -87,31 +80,17 @@ def paired_bootstrap(diff_per_seed: Sequence[float] | np.ndarray, n_resamples: i
                          math.nan, math.nan, _better_share(x, lower_is_better) if n else math.nan)
     mean, se = float(x.mean()), float(x.std(ddof=1)) / math.sqrt(n)
     idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
-    res = x[idx]
-    means = res.mean(axis=1)
+    means = x[idx].mean(axis=1)
     p_improve = _better_share(means, lower_is_better)
     share = _better_share(x, lower_is_better)
     a = 1 - level
     if se == 0:  # every seed the same difference: no spread to resample
         p = 1.0 if mean == 0 else 2 / (n_resamples + 1)
         return Bootstrap(n, mean, mean, mean, level, p, p_improve, share)
-    if method == "percentile":
-        stat, obs = means, 0.0
-        low = float(np.quantile(means, a / 2, method="lower"))
-        high = float(np.quantile(means, 1 - a / 2, method="higher"))
-        # mean* <= 0 is as extreme as "observed 0 under a true mean of `mean`"
-        tail_a, tail_b = (stat <= obs).sum(), (stat >= obs).sum()
-    else:
-        se_star = res.std(axis=1, ddof=1) / math.sqrt(n)
-        centred = means - mean
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = np.where(se_star > 0, centred / se_star, np.sign(centred) * np.inf)
-        t = np.nan_to_num(t, nan=0.0, posinf=np.inf, neginf=-np.inf)
-        low = mean - float(np.quantile(t, 1 - a / 2, method="higher")) * se
-        high = mean - float(np.quantile(t, a / 2, method="lower")) * se
-        t_obs = mean / se
-        tail_a, tail_b = (t >= t_obs).sum(), (t <= t_obs).sum()
-    p = float(min(1.0, 2 * (1 + min(tail_a, tail_b)) / (n_resamples + 1)))
+    low = float(np.quantile(means, a / 2, method="lower"))
+    high = float(np.quantile(means, 1 - a / 2, method="higher"))
+    tail = min((means <= 0).sum(), (means >= 0).sum())
+    p = float(min(1.0, 2 * (1 + tail) / (n_resamples + 1)))
     return Bootstrap(n, mean, low, high, level, p, p_improve, share)
 
 
@@ -156,6 +135,7 @@ def holm_alphas(p_values: Sequence[float] | np.ndarray, alpha: float = 1 - LEVEL
     result does not depend on the order the comparisons come in. An interval at level
     1 - alpha_i then excludes 0 exactly where Holm rejects (p_holm < alpha), up to the
     bootstrap's grain: the corrected interval and p_holm tell one story."""
+    alpha = round(alpha, 12)  # 1 - 0.95 is 0.05000000000000004: p = alpha / k must not pass
     p = np.asarray(p_values, dtype=float)
     out = np.full(p.shape, np.nan)
     ok = np.flatnonzero(~np.isnan(p))
@@ -221,14 +201,15 @@ def paired_rows(df: pd.DataFrame, metric: str, arm_col: str,
     baseline_of maps arm -> baseline, or arm -> candidates of which the best in that group is
     used, "the best baseline at the same sparsity and budget": the lowest mean metric (highest
     if not lower_is_better) over the seeds it shares with the arm, so that the pick and the
-    paired test see the same seeds. Columns: the group columns, arm, baseline, n_pairs,
+    paired test see the same seeds; among those sharing at least MIN_PAIRS seeds (if none
+    does, the row says too few pairs). Columns: the group columns, arm, baseline, n_pairs,
     missing, mean_diff (arm - baseline), ci95_low/high (percentile bootstrap, uncorrected), p,
     t_p (the paired t-test's), p_improve, share_better, and the private _diff, _lower.
     """
     need = [metric, arm_col, *pair_on, *group_on]
     absent = [c for c in need if c not in df.columns]
     if absent:
-        raise ValueError(f"compare_arms: columns missing from the runs table: {absent}")
+        raise ValueError(f"paired_rows: columns missing from the runs table: {absent}")
     rows: list[dict] = []
     keys = (list(df[list(group_on)].dropna().drop_duplicates().itertuples(index=False, name=None))
             if group_on else [()])
@@ -247,12 +228,12 @@ def paired_rows(df: pd.DataFrame, metric: str, arm_col: str,
             a = _paired(sub, arm_col, arm, metric, pair_on)
             paired = {c: _paired(sub, arm_col, c, metric, pair_on) for c in cands}
             sharing = {c: s.loc[s.index.intersection(a.index)] for c, s in paired.items()}
-            sharing = {c: s for c, s in sharing.items() if len(s)} or paired  # none: too few pairs
+            sharing = {c: s for c, s in sharing.items() if len(s) >= MIN_PAIRS} or paired
             base = pick(sharing, key=lambda c: sharing[c].mean())
             b = paired[base]
             shared = sorted(set(a.index) & set(b.index))
             diff = (a.loc[shared] - b.loc[shared]).to_numpy(dtype=float)
-            boot = paired_bootstrap(diff, n_resamples, seed, LEVEL, "percentile", lower_is_better)
+            boot = paired_bootstrap(diff, n_resamples, seed, LEVEL, lower_is_better)
             rows.append({**dict(zip(group_on, key, strict=True)), "arm": arm, "baseline": base,
                          "n_pairs": boot.n,
                          "missing": _missing({_t(k) for k in a.index}, {_t(k) for k in b.index},
@@ -287,7 +268,7 @@ def holm_family(rows: pd.DataFrame, level: float = LEVEL, n_resamples: int = N_R
             elif prefix:
                 ends.append(paired_t(diff, 1 - a)[:2])
             else:
-                b = paired_bootstrap(diff, n_resamples, seed, 1 - a, "percentile", lower)
+                b = paired_bootstrap(diff, n_resamples, seed, 1 - a, lower)
                 ends.append((b.low, b.high))
         out[prefix + "p_holm"] = holm(p)
         out[prefix + "ci_level"] = 1 - alphas
@@ -302,18 +283,6 @@ def holm_family(rows: pd.DataFrame, level: float = LEVEL, n_resamples: int = N_R
     return out[[*first, *CORRECTED, *last]]
 
 
-def compare_arms(df: pd.DataFrame, metric: str, arm_col: str,
-                 baseline_of: Mapping[str, str | Sequence[str]],
-                 pair_on: Sequence[str] = ("seed",),
-                 group_on: Sequence[str] = ("surge.target_sparsity", "train.steps"),
-                 lower_is_better: bool = True, level: float = LEVEL,
-                 n_resamples: int = N_RESAMPLES, seed: int = 0) -> pd.DataFrame:
-    """paired_rows, then holm_family over all of them: one claim's comparisons in one call."""
-    rows = paired_rows(df, metric, arm_col, baseline_of, pair_on, group_on, lower_is_better,
-                       n_resamples, seed)
-    return holm_family(rows, level, n_resamples, seed)
-
-
 def _t(k) -> tuple:
     return k if isinstance(k, tuple) else (k,)
 
@@ -326,7 +295,7 @@ def _paired(df: pd.DataFrame, arm_col: str, arm: str, metric: str,
     s = s[np.isfinite(s)]
     if s.index.has_duplicates:
         dup = sorted(set(s.index[s.index.duplicated()]))
-        raise ValueError(f"compare_arms: arm {arm!r} has several runs for {list(pair_on)} = {dup}")
+        raise ValueError(f"paired_rows: arm {arm!r} has several runs for {list(pair_on)} = {dup}")
     return s
 
 
