@@ -492,7 +492,7 @@ def build_report(runs: pd.DataFrame, curves: pd.DataFrame | None = None, out: Pa
           f"bootstrap, {n_resamples} resamples, seeded: ci95 uncorrected, ci_low/high at the "
           "Holm level ci_level; beside it the paired t-test (t_p, t_ci_low/high at its Holm level "
           "t_ci_level), which guards the percentile interval, too narrow at 5 seeds "
-          "(lfmodel/stats.py). One Holm family per seed claim (each `#` section of verdict.md). "
+          "(lfmodel/stats.py). One Holm family per seed claim (each `##` section of verdict.md). "
           "verdict: holds / opposite where both corrected intervals exclude 0 on that side, "
           "undecided where only one does; p_improve = share of bootstrap means on the better "
           "side.\n"]
