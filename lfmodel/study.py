@@ -350,6 +350,13 @@ def report_from_runs(runs_csv: Path, out: Path = OUT) -> Path:
     return Path(out)
 
 
+def print_verdicts(out: Path) -> None:
+    """The answer where the command ends: verdict.md's claims and verdicts, without markdown."""
+    for line in (Path(out) / "verdict.md").read_text().splitlines():
+        if line.startswith(("## ", "- ")):
+            print(line.removeprefix("## ").replace("**", ""))
+
+
 # ---------------------------------------------------------------------------- running
 
 def _sweep(study_id: str, points: Points, backend: str, jobs: int, address: str | None,
@@ -469,6 +476,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.from_runs:
             out = report_from_runs(args.from_runs)
             print(f"study: report -> {out}/ from {args.from_runs}")
+            print_verdicts(out)
             return
         experiment = load_params()["tracking"]["experiment"]
         if not args.report_only:
@@ -498,6 +506,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"study: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"study {args.study_id}: report -> {out}/ (runs.csv, comparisons.md, verdict.md, ...)")
+    print_verdicts(out)
     if missing:
         raise SystemExit(1)
 

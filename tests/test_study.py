@@ -96,7 +96,11 @@ def test_tiny_study_end_to_end(dvc_repo, tmp_path, monkeypatch, capsys):
     # --report-only rebuilds reports/study/ from MLflow
     for f in out.iterdir():
         f.unlink()
+    capsys.readouterr()
     study.main(["--study-id", "tst", "--report-only"])
+    said = capsys.readouterr().out
+    assert "\nSeed 000: entropy-adaptive surge-collapse enhances generalization\n" in said, said
+    assert "\n- bare controller (floor off) vs static at the sparsity it reached" in said, said
     again = pd.read_csv(out / "runs.csv")
     assert sorted(again["run_id"]) == sorted(runs["run_id"])
     assert (out / "comparisons.md").exists() and (out / "verdict.md").exists()
